@@ -1,0 +1,1 @@
+"""diffcleanse_jax: attack, audit and repair diffusion models in JAX/Flax."""
