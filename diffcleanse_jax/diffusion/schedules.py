@@ -1,0 +1,84 @@
+"""Noise schedules (betas, alphas, cumulative products) as used by diffusers' DDPM/DDIM schedulers.
+
+All arrays are float64 numpy on the host (exact, and cheap to index); samplers cast them to float32
+device arrays once per compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A discrete diffusion schedule with T = len(betas) training steps (t = 0..T-1)."""
+
+  betas: np.ndarray  # (T,)
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return int(self.betas.shape[0])
+
+  @property
+  def alphas(self) -> np.ndarray:
+    return 1.0 - self.betas
+
+  @property
+  def alphas_cumprod(self) -> np.ndarray:
+    return np.cumprod(self.alphas)
+
+  def rho(self) -> np.ndarray:
+    """BadDiffusion's epsilon-target coefficient rho_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / beta_t, shape (T,)."""
+    a = self.alphas
+    return (1.0 - np.sqrt(a)) * np.sqrt(1.0 - self.alphas_cumprod) / self.betas
+
+
+def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
+  # diffusers betas_for_alpha_bar(alpha_transform_type="cosine")
+  def abar(t):
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+  return np.array(
+      [min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)],
+      dtype=np.float64)
+
+
+def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 0.02, trained_betas: Any = None) -> np.ndarray:
+  """Betas exactly as diffusers builds them (float32 arithmetic, then widened)."""
+  if trained_betas is not None:
+    return np.asarray(trained_betas, dtype=np.float32).astype(np.float64)
+  if beta_schedule == "linear":
+    b = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
+  elif beta_schedule == "scaled_linear":
+    b = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float32) ** 2
+  elif beta_schedule in ("squaredcos_cap_v2", "cosine"):
+    b = _cosine_betas(num_train_timesteps).astype(np.float32)
+  else:
+    raise ValueError(f"scheduler beta_schedule={beta_schedule!r} is not supported; expected one of {BETA_SCHEDULES}")
+  return b.astype(np.float64)
+
+
+def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                  beta_end: float = 0.02, trained_betas: Any = None) -> Schedule:
+  """Builds a `Schedule`; defaults are the DDPM paper's (linear 1e-4 -> 0.02, 1000 steps)."""
+  if int(num_train_timesteps) < 2:
+    raise ValueError(f"scheduler num_train_timesteps must be >= 2, got {num_train_timesteps}")
+  return Schedule(make_betas(beta_schedule, int(num_train_timesteps), beta_start, beta_end, trained_betas))
+
+
+def schedule_from_config(cfg: Mapping[str, Any] | None) -> Schedule:
+  """`Schedule` from a diffusers `scheduler_config.json` dict (or our config's `scheduler` section)."""
+  cfg = dict(cfg or {})
+  return make_schedule(
+      beta_schedule=cfg.get("beta_schedule", "linear"),
+      num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+      beta_start=cfg.get("beta_start", 1e-4),
+      beta_end=cfg.get("beta_end", 0.02),
+      trained_betas=cfg.get("trained_betas"),
+  )
