@@ -26,11 +26,12 @@ class Schedule:
 
   @property
   def alphas(self) -> np.ndarray:
-    return 1.0 - self.betas
+    return (1.0 - self.betas.astype(np.float32)).astype(np.float64)
 
   @property
   def alphas_cumprod(self) -> np.ndarray:
-    return np.cumprod(self.alphas)
+    """Cumulative product computed in float32 like diffusers (matters near t = T-1, where abar ~ 4e-5)."""
+    return np.cumprod((1.0 - self.betas.astype(np.float32)).astype(np.float32), dtype=np.float32).astype(np.float64)
 
   def rho(self) -> np.ndarray:
     """BadDiffusion's epsilon-target coefficient rho_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / beta_t, shape (T,)."""

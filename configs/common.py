@@ -1,0 +1,40 @@
+"""Shared pieces of the experiment configs (each experiment file has its own `get_config()`)."""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from diffcleanse_jax.models.presets import DEFAULT_SCHEDULER, preset
+
+
+def base_config(model_preset: str) -> ml_collections.ConfigDict:
+  """Every section with its defaults; experiment files override fields."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # UNet2DModel keys, verbatim (diffusers config.json names).
+  c.model = ml_collections.ConfigDict(preset(model_preset))
+  # '' = train from scratch; else a diffusers folder, a native model folder or a training workdir to start from.
+  c.init_from = ""
+  c.scheduler = ml_collections.ConfigDict({k: v for k, v in DEFAULT_SCHEDULER.items() if not k.startswith("_")})
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="fashion_mnist", path="/usr/share/datasets/fashion-mnist", split="train", image_size=32, channels=1,
+      num_examples=0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=64, num_steps=1000, learning_rate=2e-4, warmup_steps=500, lr_schedule="cosine", grad_clip=1.0,
+      adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, ema_decay=0.0, ema_warmup=True,
+      steps_per_call=1, log_every=50, checkpoint_every=500, sample_every=0, keep_checkpoints=2, flip=False))
+
+  # Sampling for grids, `--mode=sample` and evaluation. num_steps 0 = every training step (ddpm).
+  c.sample = ml_collections.ConfigDict(dict(method="ddpm", num_steps=0, eta=0.0, clip_sample=False, num_images=64,
+                                            batch_size=64))
+
+  c.mesh = ml_collections.ConfigDict(dict(num_devices=-1))
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=1, process_id=0, auto=False))
+  return c
+
+
+def placeholder_str() -> str:
+  return config_dict.placeholder(str)

@@ -1,0 +1,84 @@
+"""The user-facing model object: a UNet spec, its parameters and its scheduler config.
+
+`model.apply(params, x, t)` -> predicted epsilon, x NHWC float32 in [-1,1], t integer timesteps (B,).
+`model.apply` is a hashable value (equal for equal specs), so jitted samplers are compiled once per architecture.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from diffcleanse_jax.diffusion.schedules import Schedule, schedule_from_config
+from diffcleanse_jax.models.presets import DEFAULT_SCHEDULER
+from diffcleanse_jax.models.unet import UNet2DModel, UNetSpec, count_params, init_params
+
+
+@dataclasses.dataclass(frozen=True)
+class EpsFn:
+  """epsilon_theta as a pure, hashable function of (params, x (B,H,W,C), t (B,)) -> (B,H,W,out_channels)."""
+
+  spec: UNetSpec
+
+  def __call__(self, params, x, t, *, train: bool = False, rngs=None):
+    return UNet2DModel(self.spec).apply({"params": params}, x, t, train, rngs=rngs)
+
+
+class DiffusionModel:
+  """A diffusion model: `.config` (diffusers dict), `.params` (pytree), `.scheduler_config` (dict), `.apply`."""
+
+  def __init__(self, spec: UNetSpec, params, scheduler_config: Mapping[str, Any] | None = None,
+               source: str | None = None, metadata: Mapping[str, Any] | None = None):
+    self.spec = spec
+    self.params = params
+    self.scheduler_config = dict(scheduler_config if scheduler_config is not None else DEFAULT_SCHEDULER)
+    self.source = source
+    self.metadata = dict(metadata or {})
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any], key: jax.Array | int = 0,
+                  scheduler_config: Mapping[str, Any] | None = None, source: str = "model config"):
+    """A randomly initialised model for a diffusers-style config dict (strict: typos are errors)."""
+    spec = UNetSpec.from_config(config, source=source)
+    key = jax.random.key(key) if isinstance(key, int) else key
+    return cls(spec, init_params(spec, key), scheduler_config)
+
+  @property
+  def config(self) -> dict[str, Any]:
+    return self.spec.to_config()
+
+  @property
+  def apply(self) -> EpsFn:
+    return EpsFn(self.spec)
+
+  @property
+  def module(self) -> UNet2DModel:
+    return UNet2DModel(self.spec)
+
+  @property
+  def schedule(self) -> Schedule:
+    return schedule_from_config(self.scheduler_config)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    s = self.spec.sample_size or 32
+    return (s, s, self.spec.in_channels)
+
+  @property
+  def num_params(self) -> int:
+    return count_params(self.params)
+
+  def replace(self, **kw) -> "DiffusionModel":
+    d = dict(spec=self.spec, params=self.params, scheduler_config=self.scheduler_config, source=self.source,
+             metadata=self.metadata)
+    d.update(kw)
+    return DiffusionModel(**d)
+
+  def __call__(self, x, t):
+    return self.apply(self.params, jnp.asarray(x), jnp.asarray(t))
+
+  def __repr__(self):
+    return (f"DiffusionModel({self.num_params:,} params, image {self.image_shape}, widths "
+            f"{'pruned' if self.spec.widths else 'default'}, source={self.source!r})")
