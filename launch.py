@@ -66,8 +66,18 @@ def run(argv) -> None:
     raise UsageError(f"--mode={mode} is not available yet")
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter from orbax/jax internals so progress lines stay readable."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        s in record.pathname for s in ("/orbax/", "/jax/", "/etils/", "/absl/"))
+
+
 def main(argv) -> None:
   logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
   try:
     run(argv)
   except (ValueError, FileNotFoundError, KeyError) as e:

@@ -105,15 +105,7 @@ def _check(name, cfg, tmp_path):
   assert sorted(sd) == sorted(mine)
 
 
-_XFAIL = {
-    # models/unet.py applies act_fn to the time MLP and before conv_out; diffusers always uses SiLU there.
-    "act_gelu": "unet.py uses act_fn in TimestepEmbedding and conv_act, diffusers hard-codes SiLU there",
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=_XFAIL[n], strict=True)) if n in _XFAIL else n
-    for n in CONFIGS])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_unet_parity(name, tmp_path):
   _check(name, dict(BASE, **CONFIGS[name]), tmp_path)
 

@@ -513,7 +513,7 @@ class UNet2DModel(nn.Module):
       nres = s.layers_per_block + 1
       h, _, _ = _Block(s, tuple(containers[name]), name=name)(h, temb, skips[-nres:], train)
       skips = skips[:-nres]
-    h = activation(s.act_fn)(_group_norm(s.norm_num_groups, s.norm_eps, "conv_norm_out")(h))
+    h = nn.silu(_group_norm(s.norm_num_groups, s.norm_eps, "conv_norm_out")(h))  # diffusers: always SiLU here
     out = nn.Conv(s.width("conv_out"), (3, 3), padding=((1, 1), (1, 1)), name="conv_out")(h)
     if s.time_embedding_type == "fourier":
       out = out / t.astype(out.dtype)[:, None, None, None]
@@ -529,7 +529,7 @@ class TimeEmbedding(nn.Module):
   def __call__(self, temb):
     s = self.spec
     h = nn.Dense(s.width("time_embedding/linear_1"), name="linear_1")(temb)
-    h = activation(s.act_fn)(h)
+    h = nn.silu(h)  # diffusers' TimestepEmbedding always uses SiLU, whatever act_fn says
     return nn.Dense(s.width("time_embedding/linear_2"), name="linear_2")(h)
 
 
