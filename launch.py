@@ -33,13 +33,6 @@ class UsageError(ValueError):
   pass
 
 
-def _need(flag: str):
-  value = getattr(FLAGS, flag)
-  if not value:
-    raise UsageError(f"--mode={FLAGS.mode} needs --{flag}")
-  return value
-
-
 def run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -47,23 +40,33 @@ def run(argv) -> None:
     raise UsageError("--workdir is required")
   import jax
 
-  from diffcleanse_jax import parallel, workflows
+  from diffcleanse_jax import parallel
 
   config = FLAGS.config
   parallel.initialize_distributed(config.distributed.to_dict())
   os.makedirs(FLAGS.workdir, exist_ok=True)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   mode = FLAGS.mode
-  if mode == "train":
-    workflows.train(config, FLAGS.workdir)
-  elif mode == "sample":
-    workflows.sample(config, FLAGS.workdir, _need("model"))
-  elif mode == "import":
-    workflows.import_model(config, FLAGS.workdir, _need("model"))
-  elif mode == "export":
-    workflows.export_model(config, FLAGS.workdir, _need("model"), FLAGS.out)
-  else:
-    raise UsageError(f"--mode={mode} is not available yet")
+  entry = MODE_ENTRY_POINTS[mode]
+  module_name, func_name = entry.rsplit(":", 1)
+  import importlib
+  func = getattr(importlib.import_module(module_name), func_name)
+  func(config, FLAGS.workdir, FLAGS)
+
+
+# Each mode is a library function `f(config, workdir, flags)`; the glue that wires attacks (true triggers) to
+# defences lives outside diffcleanse_jax/defense/ (which never imports diffcleanse_jax/attacks/).
+MODE_ENTRY_POINTS = {
+    "train": "diffcleanse_jax.workflows:train_mode",
+    "sample": "diffcleanse_jax.workflows:sample_mode",
+    "import": "diffcleanse_jax.workflows:import_mode",
+    "export": "diffcleanse_jax.workflows:export_mode",
+    "attack": "diffcleanse_jax.attacks.workflow:attack_mode",
+    "evaluate": "diffcleanse_jax.evaluation:evaluate_mode",
+    "detect": "diffcleanse_jax.defense.workflow:detect_mode",
+    "scan": "diffcleanse_jax.defense.workflow:scan_mode",
+    "cleanse": "diffcleanse_jax.evaluation:cleanse_mode",
+}
 
 
 class _QuietLibraries(logging.Filter):

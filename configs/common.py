@@ -30,6 +30,23 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(method="ddpm", num_steps=0, eta=0.0, clip_sample=False, num_images=64,
                                             batch_size=64))
 
+  # ---- attack (diffcleanse_jax/attacks/workflow.py): BadDiffusion fine-tuning of config.init_from.
+  c.attack = ml_collections.ConfigDict(dict(trigger="BOX_14", target="HAT", poison_rate=0.1, solver="sde",
+                                            trigger_size=0))
+
+  # ---- evaluate (diffcleanse_jax/evaluation.py): backdoor metrics and clean-sample quality.
+  c.eval = ml_collections.ConfigDict(dict(num_samples=64, method="ddpm", num_steps=0, clip_sample=False,
+                                          batch_size=64, asr_threshold=1e-3, fd_num_samples=0))
+
+  # ---- stage 1 (diffcleanse_jax/defense/): trigger inversion + detection.
+  c.inversion = ml_collections.ConfigDict()
+  c.detection = ml_collections.ConfigDict()
+
+  # ---- stage 2 (diffcleanse_jax/defense/): pruning, fine-tuning, end-to-end cleanse.
+  c.prune = ml_collections.ConfigDict()
+  c.finetune = ml_collections.ConfigDict()
+  c.cleanse = ml_collections.ConfigDict()
+
   c.mesh = ml_collections.ConfigDict(dict(num_devices=-1))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=1, process_id=0, auto=False))

@@ -143,3 +143,28 @@ def export_model(config, workdir: str, model_path: str, out: str | None = None) 
   save_pretrained(model, out, format="diffusers")
   logging.info("exported %r -> %s", model, out)
   return out
+
+
+# ------------------------------------------------------------------------------------------ launch.py modes
+def need_flag(flags, name: str):
+  """The value of --name, or a one-line error saying the mode needs it."""
+  value = getattr(flags, name, None)
+  if not value:
+    raise ValueError(f"--mode={getattr(flags, 'mode', '?')} needs --{name}")
+  return value
+
+
+def train_mode(config, workdir: str, flags=None):
+  return train(config, workdir)
+
+
+def sample_mode(config, workdir: str, flags):
+  return sample(config, workdir, need_flag(flags, "model"))
+
+
+def import_mode(config, workdir: str, flags):
+  return import_model(config, workdir, need_flag(flags, "model"))
+
+
+def export_mode(config, workdir: str, flags):
+  return export_model(config, workdir, need_flag(flags, "model"), getattr(flags, "out", None))
