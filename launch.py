@@ -65,7 +65,7 @@ MODE_ENTRY_POINTS = {
     "evaluate": "diffcleanse_jax.evaluation:evaluate_mode",
     "detect": "diffcleanse_jax.defense.workflow:detect_mode",
     "scan": "diffcleanse_jax.defense.workflow:scan_mode",
-    "cleanse": "diffcleanse_jax.evaluation:cleanse_mode",
+    "cleanse": "diffcleanse_jax.cleanse_cli:cleanse_mode",
 }
 
 
