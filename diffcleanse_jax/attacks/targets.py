@@ -22,7 +22,6 @@ Grayscale (C = 1) uses PIL's 'L' conversion.
 from __future__ import annotations
 
 import functools
-import gzip
 import os
 
 import numpy as np
@@ -63,20 +62,18 @@ def corner_box(image_size: int, channels: int, value: float, size: int = CORNER_
 
 
 def fashion_mnist_image(index: int = 0, root: str = DEFAULT_FASHION_MNIST) -> np.ndarray:
-  """One Fashion-MNIST training image as (28, 28) uint8, read from `root`/train-images-idx3-ubyte.gz."""
-  path = os.path.join(root, FASHION_MNIST_FILE)
-  if not os.path.isfile(path):
-    raise TargetError(f"Fashion-MNIST file not found: {path} (install it with `apt-get install dataset-fashion-mnist`)")
-  with gzip.open(path, "rb") as f:
-    header = np.frombuffer(f.read(16), dtype=">u4")
-    if header.shape != (4,) or header[0] != 2051:
-      raise TargetError(f"{path} is not an IDX3 image file")
-    n, h, w = (int(v) for v in header[1:])
-    if not 0 <= index < n:
-      raise TargetError(f"Fashion-MNIST index {index} out of range [0, {n})")
-    f.seek(16 + index * h * w)
-    buf = f.read(h * w)
-  return np.frombuffer(buf, dtype=np.uint8).reshape(h, w).copy()
+  """One Fashion-MNIST training image as (28, 28) uint8 (via the data layer's IDX reader)."""
+  from diffcleanse_jax.data.datasets import DatasetError, load_idx
+  images_gz = os.path.join(root, FASHION_MNIST_FILE)
+  if not os.path.isfile(images_gz):
+    raise TargetError(f"Fashion-MNIST file not found: {images_gz} (install it with `apt-get install dataset-fashion-mnist`)")
+  try:
+    images, _ = load_idx(images_gz, os.path.join(root, "train-labels-idx1-ubyte.gz"))
+  except DatasetError as e:
+    raise TargetError(str(e)) from None
+  if not 0 <= index < len(images):
+    raise TargetError(f"Fashion-MNIST index {index} out of range [0, {len(images)})")
+  return np.array(images[index], dtype=np.uint8)
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,6 @@ background, as BadDiffusion's FASHION data. C=3 input is averaged to one channel
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -27,9 +26,6 @@ ASSET_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "fmnist_classifier.msgpack")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "FASHION_MNIST_DIR"
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-
 
 class FMNISTClassifier(nn.Module):
   """Small CNN: (B, 32, 32, C) in [-1, 1] -> logits (B, num_classes); `features` gives (B, feature_dim).
@@ -64,18 +60,6 @@ class FMNISTClassifier(nn.Module):
 # Fashion-MNIST (IDX gz files).
 
 
-def _read_idx(path: str) -> np.ndarray:
-  with gzip.open(path, "rb") as f:
-    data = f.read()
-  magic = int.from_bytes(data[0:4], "big")
-  ndim = magic & 0xFF
-  if (magic >> 8) != 0x08:
-    raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
-  dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-  offset = 4 + 4 * ndim
-  return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
-
-
 def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> str:
   """Dataset folder: `data_dir`, else $FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist."""
   return os.fspath(data_dir or os.environ.get(FASHION_MNIST_ENV) or DEFAULT_FASHION_MNIST_DIR)
@@ -83,20 +67,10 @@ def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> str:
 
 def load_fashion_mnist(split: str = "test", data_dir: str | os.PathLike | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
-  """Fashion-MNIST `split` ("train" 60k / "test" 10k) -> images (N, 32, 32, 1) float32 in [-1, 1], labels (N,) int32.
-
-  28x28 pixels map to [-1, 1] (x / 127.5 - 1) and are padded by 2 px of -1 (background) to 32x32.
-  """
-  if split not in _FILES:
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  root = fashion_mnist_dir(data_dir)
-  img_file, lbl_file = (os.path.join(root, f) for f in _FILES[split])
-  if not os.path.exists(img_file):
-    raise FileNotFoundError(f"Fashion-MNIST IDX file {img_file} not found; set ${FASHION_MNIST_ENV} or pass data_dir")
-  images = _read_idx(img_file).astype(np.float32) / 127.5 - 1.0
-  images = np.pad(images, ((0, 0), (2, 2), (2, 2)), constant_values=-1.0)[..., None]
-  labels = _read_idx(lbl_file).astype(np.int32)
-  return images, labels
+  """Fashion-MNIST `split` -> images (N, 32, 32, 1) float32 in [-1, 1], labels (N,) int32 (the data layer's
+  loader, so the FD reference sees exactly what diffusion training sees)."""
+  from diffcleanse_jax.data.datasets import load_fashion_mnist as _load
+  return _load(fashion_mnist_dir(data_dir), split=split, image_size=32)
 
 
 # ----------------------------------------------------------------------------------------------------
