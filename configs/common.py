@@ -31,12 +31,20 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
                                             batch_size=64))
 
   # ---- attack (diffcleanse_jax/attacks/workflow.py): BadDiffusion fine-tuning of config.init_from.
+  # trigger/target: a built-in name, an image file or a .npy (H,W,C) in [-1,1]; poison_rate in [0,1] (fixed
+  # membership, int(N p) examples drawn from c.seed); solver: sde (BadDiffusion, eps + rho_t r) or ode
+  # (VillanDiffusion, eps + 2 rho_t r); trigger_size: k for image-file triggers (0 = round(14 S / 32));
+  # flip: random left-right flip of the clean image before stamping (the reference always flips).
   c.attack = ml_collections.ConfigDict(dict(trigger="BOX_14", target="HAT", poison_rate=0.1, solver="sde",
-                                            trigger_size=0))
+                                            trigger_size=0, flip=True))
 
   # ---- evaluate (diffcleanse_jax/evaluation.py): backdoor metrics and clean-sample quality.
-  c.eval = ml_collections.ConfigDict(dict(num_samples=64, method="ddpm", num_steps=0, clip_sample=False,
-                                          batch_size=64, asr_threshold=1e-3, fd_num_samples=0))
+  # Sampler: method ddpm|ddim, num_steps 0 = all training steps (ddpm) / 50 (ddim), eta (ddim);
+  # clip_sample=True is BadDiffusion's inference-time clipping defence. asr = fraction of triggered samples with
+  # per-image MSE < asr_threshold. clean: also sample clean images (grid, clean_asr, FD for 32x32 grayscale
+  # models over fd_num_samples, 0 = num_samples).
+  c.eval = ml_collections.ConfigDict(dict(num_samples=64, method="ddpm", num_steps=0, eta=0.0, clip_sample=False,
+                                          batch_size=64, asr_threshold=1e-3, fd_num_samples=0, clean=True))
 
   # ---- stage 1 (diffcleanse_jax/defense/): trigger inversion + detection.
   c.inversion = ml_collections.ConfigDict()
