@@ -6,7 +6,6 @@ state are replicated, and XLA inserts the gradient all-reduce (no pmap, no expli
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Mapping
 
 import jax
@@ -34,8 +33,11 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
   if addr and (nproc is None or pid is None or int(nproc) < 1 or not 0 <= int(pid) < int(nproc)):
     raise ValueError(f"distributed: coordinator_address={addr!r} needs num_processes >= 1 and "
                      f"0 <= process_id < num_processes (got {nproc}, {pid})")
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    try:  # CPU collectives across processes (gloo) where this jax build has them.
+  # Nothing here may touch jax.devices()/jax.default_backend(): that initialises the backends, after which
+  # jax.distributed.initialize refuses to run. The CPU client always exists, so enabling gloo (CPU collectives
+  # across processes) is harmless on GPU/TPU hosts; a choice the user made (e.g. 'mpi') is kept.
+  if str(getattr(jax.config, "jax_cpu_collectives_implementation", "none") or "none").lower() == "none":
+    try:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception as e:  # pragma: no cover - depends on the jax build
       logging.warning("CPU collectives unavailable: %s", e)
