@@ -46,9 +46,24 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(num_samples=64, method="ddpm", num_steps=0, eta=0.0, clip_sample=False,
                                           batch_size=64, asr_threshold=1e-3, fd_num_samples=0, clean=True))
 
-  # ---- stage 1 (diffcleanse_jax/defense/): trigger inversion + detection.
-  c.inversion = ml_collections.ConfigDict()
-  c.detection = ml_collections.ConfigDict()
+  # ---- stage 1 (diffcleanse_jax/defense/): trigger inversion + detection (ALGORITHMS §4, §10).
+  # inversion (defense/inversion.py): BBTI. method bbti (identity-Jacobian gradient) | whitebox (exact gradient
+  # through the short sampler). B fixed noises, DDPM-20 (sampler ddpm|ddim), Adam(lr, b1, b2) on raw p with
+  # g = STE_round(255 (1 - 2p))/255, grad_scale s (1e3 at 32 px, 10 at 256 px), lambda_g pattern-entropy weight
+  # (0 at 32 px, 0.1 CelebA-HQ), restarts = p_0 draws optimised together (vmap). faithful_code_bug: reproduce the
+  # released code's constant -2 gradient (§4.2). whitebox_unroll/remat: python-unrolled, checkpointed sampler.
+  c.inversion = ml_collections.ConfigDict(dict(
+      method="bbti", batch_size=16, sampler="ddpm", num_steps=20, eta=0.0, clip_sample=False, max_epochs=100,
+      learning_rate=0.1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_scale=1e3, lambda_g=0.0,
+      sim_threshold=0.999, black_threshold=0.01, white_threshold=0.99, faithful_code_bug=False, restarts=1,
+      seed=0, stop_on_zero_similarity_loss=True, whitebox_unroll=True, whitebox_remat=True, log_every=10))
+  # detection (defense/detection.py, defense/workflow.py): method bbti | whitebox | elijah | terd; backdoored iff
+  # score > threshold (MSCR > 0.5 for bbti/whitebox); num_images: size of the preview grids of --mode=detect.
+  # elijah / terd: the baselines' own settings (their modules' DEFAULTS).
+  c.detection = ml_collections.ConfigDict(dict(
+      method="bbti", threshold=0.5, num_images=16, image_batch_size=16,
+      elijah=ml_collections.ConfigDict(_module_defaults("elijah")),
+      terd=ml_collections.ConfigDict(_module_defaults("terd"))))
 
   # ---- stage 2 (diffcleanse_jax/defense/): pruning, fine-tuning, end-to-end cleanse.
   c.prune = ml_collections.ConfigDict()
@@ -59,6 +74,16 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=1, process_id=0, auto=False))
   return c
+
+
+def _module_defaults(module: str) -> dict:
+  """`diffcleanse_jax.defense.<module>.DEFAULTS` without None values ({} if the module is absent)."""
+  try:
+    import importlib
+    d = dict(getattr(importlib.import_module(f"diffcleanse_jax.defense.{module}"), "DEFAULTS", {}))
+  except ImportError:
+    return {}
+  return {k: v for k, v in d.items() if v is not None}
 
 
 def placeholder_str() -> str:

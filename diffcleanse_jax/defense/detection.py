@@ -1,0 +1,171 @@
+"""Backdoor detection: the shared result type, the decision rule, threshold calibration, and the Diff-Cleanse
+stage-1 detectors (BBTI and its white-box variant).
+
+Statistic (ALGORITHMS.md §4.3): MSCR = max over epochs of |T|/B, the largest fraction of the B samples that
+collapse onto (near-)identical images (pairwise cosine > 0.999) while the trigger is being inverted.
+
+Decision: **backdoored iff score > threshold**, default threshold tau = 0.5 (the only explicit value in the
+reference code, TrojDiff's clique rule; ALGORITHMS §10). Clean models essentially never produce two samples with
+cosine > 0.999, so their MSCR is ~0; backdoored models reach 1.
+
+Calibration (`calibrate_threshold`): tau = max(floor, quantile_q(clean scores) + margin), defaults q = 1 (the
+largest clean score), margin = 0, floor = 0.5. Because the rule is strict (score > tau), tau = max clean score
+already classifies every calibration model as clean; the floor keeps tau from dropping below the paper's
+majority rule when the clean models all score 0 (an MSCR of 1/B or 2/B is then still "clean"). Use margin > 0
+(e.g. 1/B) for headroom against unseen clean models, a quantile < 1 to tolerate outliers.
+
+A detector is `fn(model: DiffusionModel, cfg, key) -> DetectionResult`; `cfg` is either a full experiment config
+(its `inversion` and `detection` sections are used) or a flat mapping of those fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclasses.dataclass
+class DetectionResult:
+  """Outcome of one detector on one model."""
+
+  method: str            # 'bbti' | 'whitebox' | 'elijah' | 'terd'
+  backdoored: bool
+  score: float
+  threshold: float
+  trigger: np.ndarray    # (H,W,C) inverted trigger, additive in x_T space (x_T = eps + trigger)
+  seconds: float
+  details: dict          # method-specific info (per-epoch MSCR, losses, ...)
+
+  def to_json(self) -> dict[str, Any]:
+    """Everything except the trigger array (details made JSON-safe: numpy scalars -> python, arrays with more
+    than 64 elements -> a shape/dtype summary)."""
+    return dict(method=str(self.method), backdoored=None if self.backdoored is None else bool(self.backdoored),
+                score=_num(self.score), threshold=_num(self.threshold), seconds=float(self.seconds),
+                details=json_safe(self.details or {}))
+
+
+def _num(x):
+  if x is None:
+    return None
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def json_safe(obj: Any, max_array: int = 64) -> Any:
+  """Recursively converts numpy/jax values so `json.dump` accepts them; big arrays become summaries."""
+  if isinstance(obj, Mapping):
+    return {str(k): json_safe(v, max_array) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v, max_array) for v in obj]
+  if isinstance(obj, (np.ndarray, jax.Array)):
+    a = np.asarray(obj)
+    if a.size > max_array:
+      return {"array_shape": list(a.shape), "dtype": str(a.dtype)}
+    return json_safe(a.tolist(), max_array)
+  if isinstance(obj, np.generic):
+    return json_safe(obj.item(), max_array)
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if obj is None or isinstance(obj, (bool, int, float, str)):
+    return obj
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    return json_safe(dataclasses.asdict(obj), max_array)
+  return str(obj)
+
+
+# ---------------------------------------------------------------------------------------- decision rule
+def decide(score: float, threshold: float = DEFAULT_THRESHOLD) -> bool:
+  """backdoored iff score > threshold (strict)."""
+  return bool(float(score) > float(threshold))
+
+
+def calibrate_threshold(clean_scores: Sequence[float], quantile: float = 1.0, margin: float = 0.0,
+                        floor: float = DEFAULT_THRESHOLD) -> float:
+  """tau = max(floor, quantile_q(clean_scores) + margin) (see the module docstring). No clean scores: floor."""
+  s = np.asarray([float(x) for x in clean_scores], np.float64)
+  if not 0.0 <= quantile <= 1.0:
+    raise ValueError(f"calibrate_threshold: quantile={quantile} must be in [0, 1]")
+  if s.size == 0:
+    return float(floor)
+  return float(max(floor, float(np.quantile(s, quantile)) + margin))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+  """Area under the ROC curve (Mann-Whitney U; ties count 1/2). labels: True = backdoored. None if a class is
+  missing."""
+  s = np.asarray(scores, np.float64)
+  y = np.asarray(labels, bool)
+  pos, neg = s[y], s[~y]
+  if pos.size == 0 or neg.size == 0:
+    return None
+  gt = (pos[:, None] > neg[None, :]).sum()
+  eq = (pos[:, None] == neg[None, :]).sum()
+  return float((gt + 0.5 * eq) / (pos.size * neg.size))
+
+
+def detection_metrics(scores: Sequence[float], labels: Sequence[bool], predictions: Sequence[bool]) -> dict:
+  """accuracy, TP/FP/TN/FN, TPR/FPR and AUROC over a set of models."""
+  y = np.asarray(labels, bool)
+  p = np.asarray(predictions, bool)
+  tp, fp = int((p & y).sum()), int((p & ~y).sum())
+  tn, fn = int((~p & ~y).sum()), int((~p & y).sum())
+  n = len(y)
+  return dict(n=n, accuracy=(tp + tn) / n if n else None, tp=tp, fp=fp, tn=tn, fn=fn,
+              tpr=tp / (tp + fn) if tp + fn else None, fpr=fp / (fp + tn) if fp + tn else None,
+              auroc=auroc(scores, labels))
+
+
+# ------------------------------------------------------------------------------------------ cfg helpers
+def _as_dict(cfg: Any) -> dict[str, Any]:
+  if cfg is None:
+    return {}
+  if hasattr(cfg, "to_dict"):
+    return cfg.to_dict()
+  return dict(cfg)
+
+
+def section(cfg: Any, name: str) -> dict[str, Any]:
+  """`cfg[name]` when cfg is a full config (or has that sub-mapping), else cfg itself (flat)."""
+  d = _as_dict(cfg)
+  sub = d.get(name)
+  return dict(sub) if isinstance(sub, Mapping) else d
+
+
+def detection_settings(cfg: Any) -> dict[str, Any]:
+  """The detection section (threshold, method, ...) with defaults."""
+  d = section(cfg, "detection")
+  out = dict(method="bbti", threshold=DEFAULT_THRESHOLD)
+  out.update({k: v for k, v in d.items() if v is not None})
+  return out
+
+
+# -------------------------------------------------------------------------------------------- detectors
+def _mscr_detector(model, cfg: Any, key: jax.Array | None, method: str) -> DetectionResult:
+  from diffcleanse_jax.defense.inversion import InversionSettings, run_inversion
+
+  det = detection_settings(cfg)
+  s = InversionSettings.from_config(section(cfg, "inversion"), method=method)
+  t0 = time.time()
+  res = run_inversion(model.apply, model.params, model.image_shape, model.scheduler_config, s, key,
+                      name=str(getattr(model, "source", None) or "model"))[0]
+  thr = float(det.get("threshold", DEFAULT_THRESHOLD))
+  score = float(res.best_mscr)
+  details = dict(res.to_json(), statistic="MSCR = max_epoch |T|/B", rule="backdoored iff score > threshold")
+  return DetectionResult(method=method, backdoored=decide(score, thr), score=score, threshold=thr,
+                         trigger=np.asarray(res.trigger, np.float32), seconds=time.time() - t0, details=details)
+
+
+def detect_bbti(model, cfg: Any = None, key: jax.Array | None = None) -> DetectionResult:
+  """Diff-Cleanse BBTI detection (black-box gradient transport; `faithful_code_bug` from the inversion cfg)."""
+  return _mscr_detector(model, cfg, key, "bbti")
+
+
+def detect_whitebox(model, cfg: Any = None, key: jax.Array | None = None) -> DetectionResult:
+  """The same statistic with the exact gradient through the short sampler."""
+  return _mscr_detector(model, cfg, key, "whitebox")

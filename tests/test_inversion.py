@@ -1,0 +1,249 @@
+"""Diff-Cleanse stage 1 trigger inversion (defense/inversion.py): STE, sets, losses, gradient transport,
+the code-bug drift, vmapped restarts/models, white-box gradients. Toy analytic eps functions keep it fast."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffcleanse_jax.defense import inversion as inv
+from diffcleanse_jax.diffusion import samplers
+from diffcleanse_jax.diffusion.schedules import schedule_from_config
+from diffcleanse_jax.model import DiffusionModel
+from diffcleanse_jax.models.presets import DEFAULT_SCHEDULER, preset
+
+S = 16
+SCHED = DEFAULT_SCHEDULER
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyEps:
+  """A 'backdoored' eps: when the predicted noise (assuming x0 = y) has a bright bottom-right box (mean > c), it
+  predicts x0 = y exactly (DDIM then keeps that noise, so the chain ends at y); otherwise x0 = a * tanh(x), a
+  diverse, partly saturated image. c = inf gives a model with only diverse outputs."""
+
+  def __call__(self, params, x, t):
+    abar = params["acp"][t][:, None, None, None]
+    y, reg = params["y"][None], params["region"][None]
+    e_y = (x - jnp.sqrt(abar) * y) / jnp.sqrt(1 - abar)
+    fire = (jnp.sum(e_y * reg, axis=(1, 2, 3)) / jnp.sum(reg) > params["c"])[:, None, None, None]
+    x0c = jnp.tanh(x) * jnp.where(reg > 0, 0.9, 1.3)
+    return jnp.where(fire, e_y, (x - jnp.sqrt(abar) * x0c) / jnp.sqrt(1 - abar))
+
+
+def toy_params(c: float):
+  region = np.zeros((S, S, 1), np.float32)
+  region[-8:-2, -8:-2] = 1
+  y = np.where(region > 0, 0.8, -0.4).astype(np.float32)
+  acp = jnp.asarray(schedule_from_config(SCHED).alphas_cumprod, jnp.float32)
+  return dict(acp=acp, y=jnp.asarray(y), region=jnp.asarray(region), c=jnp.float32(c))
+
+
+def toy_settings(**kw):
+  d = dict(sampler="ddim", num_steps=10, max_epochs=30, log_every=0)
+  d.update(kw)
+  return inv.InversionSettings(**d)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_ste_round_forward_backward():
+  x = jnp.array([0.2, 0.5, 1.49, -2.7])
+  np.testing.assert_array_equal(inv.ste_round(x), jnp.round(x))
+  np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(inv.ste_round(v) * jnp.arange(4.0)))(x), jnp.arange(4.0))
+  p = jax.random.normal(jax.random.key(0), (4, 4, 1))
+  g = inv.pattern_from_raw(p)
+  np.testing.assert_allclose(g * 255, jnp.round(g * 255), atol=1e-4)  # multiples of 1/255
+  np.testing.assert_allclose(g, 1 - 2 * p, atol=0.5 / 255 + 1e-6)
+  np.testing.assert_allclose(jax.grad(lambda q: jnp.sum(inv.pattern_from_raw(q)))(p), -2.0 * jnp.ones_like(p))
+
+
+def test_entropies():
+  v = np.full((2, 4, 4, 1), 0.2, np.float32)
+  v[0, 0, :3] = 0.9          # 3 pixels at the max intensity: H ~ log 3
+  v[1, 0, :1] = 0.9          # 1 pixel: H ~ 0
+  h = np.asarray(inv.image_entropy(jnp.asarray(v)))
+  np.testing.assert_allclose(h, [np.log(3), 0.0], atol=1e-4)
+  g = jnp.zeros((2, 5, 1))    # uniform rows: entropy log(width)
+  np.testing.assert_allclose(inv.pattern_entropy(g), np.log(5), atol=1e-5)
+
+
+def _img(v):
+  return np.asarray(v, np.float32).reshape(4, 4, 1)
+
+
+def test_target_sets_on_constructed_images():
+  rng = np.random.default_rng(0)
+  base = rng.uniform(0.2, 0.8, 16)
+  imgs = np.stack([
+      _img(base),                            # 0: in T (identical to 3, parallel to 4)
+      _img(np.full(16, 0.005)),              # 1: near-black -> excluded even though identical to 5
+      _img(rng.uniform(0.0, 1.0, 16)),       # 2: different
+      _img(base),                            # 3: identical to 0
+      _img(base * 0.9),                      # 4: scaled copy: cos = 1 (not mean-centred) -> in T
+      _img(np.full(16, 0.005)),              # 5: near-black
+      _img(np.full(16, 0.995)),              # 6: near-white -> excluded
+      _img(np.full(16, 0.995)),              # 7: near-white
+  ])
+  sets = inv.target_sets(jnp.asarray(imgs))
+  np.testing.assert_array_equal(np.asarray(sets.in_t), [1, 0, 0, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(sets.excluded), [0, 1, 0, 0, 0, 1, 1, 1])
+  assert int(sets.anchor) == 0 and int(sets.count) == 3
+  # no pairs above the threshold: T empty, L_s = sum over the non-excluded pairs, low-entropy band (w = 20)
+  diverse = jnp.asarray(rng.uniform(0.1, 0.9, (3, 4, 4, 1)).astype(np.float32))
+  s2 = inv.target_sets(diverse)
+  assert int(s2.count) == 0
+  total, parts = inv.image_loss(diverse, s2)
+  cos = np.asarray(inv.cosine_matrix(diverse))
+  np.testing.assert_allclose(parts.sim, (1 - cos[0, 1]) + (1 - cos[0, 2]) + (1 - cos[1, 2]), rtol=1e-5)
+  assert float(parts.ent_weight) == 20.0 and float(parts.sim_weight) == 1.0  # B/|R| = 3/3
+
+
+def test_blackbox_gradient_hand_computed():
+  """B = 3: images 0 and 1 identical (T, anchor 0), image 2 a permutation of them (R, same entropy so the band
+  term is inactive, 10 pixels above 0.95 for the value loss). Then L = 3 (1 - cos(v0, v2)) + sum relu(v2 - 0.95)
+  and G = s (-2) mean_b dL/dI_b with the cosine derivative written out by hand."""
+  rng = np.random.default_rng(1)
+  v0 = rng.uniform(0.2, 0.6, 256).astype(np.float32)
+  v0[:10] = 0.97
+  v2 = rng.permutation(v0)
+  imgs = jnp.asarray(np.stack([v0, v0, v2]).reshape(3, 16, 16, 1))
+  sets = inv.target_sets(imgs)
+  np.testing.assert_array_equal(np.asarray(sets.in_t), [1, 1, 0])
+  s = 1000.0
+  G, parts = inv.blackbox_pattern_grad(imgs, sets, s)
+  v0d, v2d = v0.astype(np.float64), v2.astype(np.float64)
+  n0, n2 = np.linalg.norm(v0d), np.linalg.norm(v2d)
+  c = v0d @ v2d / (n0 * n2)
+  d_cos_d0 = v2d / (n0 * n2) - c * v0d / n0 ** 2
+  d_cos_d2 = v0d / (n0 * n2) - c * v2d / n2 ** 2
+  w_s = 3.0  # B / |R|
+  dL0 = -w_s * d_cos_d0
+  dL2 = -w_s * d_cos_d2 + (v2d > 0.95)
+  expected = s * (-2.0) * (dL0 + dL2) / 3.0
+  np.testing.assert_allclose(np.asarray(G).reshape(-1), expected, rtol=2e-4, atol=2e-3)
+  assert float(parts.ent) == 0.0 and float(parts.ent_weight) == 10.0
+  np.testing.assert_allclose(parts.sim, 1 - c, rtol=1e-4)
+  np.testing.assert_allclose(parts.value, np.sum(np.maximum(v2d - 0.95, 0)), rtol=1e-4)
+
+
+def test_blackbox_gradient_is_scaled_batch_mean_of_image_gradient():
+  imgs = jax.random.uniform(jax.random.key(3), (5, 8, 8, 1))
+  sets = inv.target_sets(imgs)
+  G, _ = inv.blackbox_pattern_grad(imgs, sets, 7.0)
+  dI = jax.grad(lambda x: inv.image_loss(x, sets)[0])(imgs)
+  np.testing.assert_allclose(G, 7.0 * -2.0 * jnp.mean(dI, axis=0), rtol=1e-6)
+
+
+def test_sample_unrolled_matches_scan():
+  params = toy_params(1.5)
+  sched = schedule_from_config(SCHED)
+  x_T = jax.random.normal(jax.random.key(0), (3, S, S, 1)) + 1.0
+  for method in ("ddpm", "ddim"):
+    cfg = samplers.SamplerConfig(method=method, num_steps=6)
+    a = samplers.sample_loop(ToyEps(), params, x_T, jax.random.key(1), sched, cfg)
+    b = inv.sample_unrolled(ToyEps(), params, x_T, jax.random.key(1), sched, cfg, remat=True)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_whitebox_gradient_exact_finite_and_differs_from_blackbox():
+  params = toy_params(1e9)
+  s_wb = toy_settings(method="whitebox", batch_size=4, num_steps=4)
+  noise, skey = inv.fixed_noise(jax.random.key(0), 4, (S, S, 1))
+  p = inv.initial_patterns(jax.random.key(0), 1, (S, S, 1))[0]
+  g_wb, parts, sets, imgs = inv.pattern_gradient(ToyEps(), params, SCHED, s_wb, p, noise, skey)
+  assert np.all(np.isfinite(g_wb)) and float(jnp.abs(g_wb).sum()) > 0
+  # exact: the same composition differentiated through the lax.scan sampler, sets held fixed
+  sched = schedule_from_config(SCHED)
+  scfg = s_wb.sampler_config(SCHED)
+
+  def loss(q):
+    x0 = samplers.sample_loop(ToyEps(), params, noise + inv.pattern_from_raw(q)[None], skey, sched, scfg)
+    return inv.image_loss(samplers.to_images01(x0), sets)[0]
+
+  np.testing.assert_allclose(g_wb, jax.grad(loss)(p), rtol=1e-4, atol=1e-6 * float(jnp.abs(g_wb).max()))
+  g_bb, parts_bb, _, _ = inv.pattern_gradient(ToyEps(), params, SCHED, dataclasses.replace(s_wb, method="bbti"),
+                                              p, noise, skey)
+  np.testing.assert_allclose(parts.total, parts_bb.total, rtol=1e-5)  # same forward pass
+  cos = float(jnp.sum(g_wb * g_bb) / (jnp.linalg.norm(g_wb) * jnp.linalg.norm(g_bb)))
+  assert cos < 0.99, cos
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+def test_faithful_code_bug_is_a_uniform_drift():
+  """§4.2: no image-loss gradient reaches p; after the first update Adam sees a constant -2 everywhere, so p
+  rises uniformly: +0 at the first update, then 0.0744, 0.0858, ... (Adam bias correction)."""
+  params = toy_params(1e9)  # diverse, partly saturated outputs: L_s != 0 and L_v != 0, so every epoch updates
+  s = toy_settings(faithful_code_bug=True, batch_size=8)
+  noise, skey = inv.fixed_noise(jax.random.key(0), 8, (S, S, 1))
+  p0 = inv.initial_patterns(jax.random.key(0), 1, (S, S, 1))
+  state = jax.vmap(lambda p: inv.init_state(p, s))(p0)
+  ps = [np.asarray(state.p[0])]
+  for _ in range(4):
+    state, m = inv.epoch_step(ToyEps(), params, SCHED, s, noise, skey, state)
+    assert bool(m.updated[0])
+    ps.append(np.asarray(state.p[0]))
+  deltas = [b - a for a, b in zip(ps[:-1], ps[1:])]
+  np.testing.assert_allclose(deltas[0], 0.0, atol=1e-7)
+  for d in deltas[1:]:
+    np.testing.assert_allclose(d, d.flat[0], atol=1e-6)  # uniform
+  b1, b2, lr = 0.9, 0.999, 0.1
+  m = v = 0.0
+  expected = []
+  for k, grad in enumerate([0.0, -2.0, -2.0, -2.0], start=1):
+    m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad ** 2
+    expected.append(-lr * (m / (1 - b1 ** k)) / (np.sqrt(v / (1 - b2 ** k)) + 1e-8))
+  np.testing.assert_allclose([d.flat[0] for d in deltas], expected, atol=1e-5)
+  assert abs(expected[1] - 0.0744) < 1e-3
+
+
+def test_bbti_inverts_the_toy_backdoor():
+  res = inv.run_inversion(ToyEps(), toy_params(3.0), (S, S, 1), SCHED, toy_settings(), jax.random.key(0))[0]
+  assert res.mscr_per_epoch[0] == 0.0            # the random p_0 does not fire the backdoor
+  assert res.best_mscr == 1.0 and res.epochs < 30  # early stop at |T| = B
+  box = np.asarray(toy_params(3.0)["region"]) > 0
+  assert float(res.trigger[box].mean()) > 3.0   # the inverted box is bright enough to fire
+  assert res.trigger.shape == (S, S, 1) and res.history["updated"][0]
+
+
+def test_vmapped_restarts_equal_one_by_one():
+  params = toy_params(3.0)
+  s = toy_settings(restarts=3, max_epochs=8)
+  key = jax.random.key(5)
+  joint = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, s, key)[0]
+  p0 = inv.initial_patterns(key, 3, (S, S, 1))
+  single = [inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, dataclasses.replace(s, restarts=1), key,
+                              p0=p0[r:r + 1])[0] for r in range(3)]
+  np.testing.assert_allclose(joint.triggers, np.concatenate([r.triggers for r in single]), atol=1e-5)
+  np.testing.assert_allclose(joint.restart_best_mscr, [r.best_mscr for r in single])
+  best = single[joint.restart]
+  np.testing.assert_allclose(joint.mscr_per_epoch, best.mscr_per_epoch)
+  np.testing.assert_allclose(joint.history["loss"], best.history["loss"], rtol=1e-5)
+  assert joint.best_mscr == max(r.best_mscr for r in single)
+
+
+def test_invert_many_two_tiny_models_matches_one_by_one():
+  models = [DiffusionModel.from_config(preset("tiny"), key=k) for k in (0, 1)]
+  cfg = dict(batch_size=4, num_steps=2, max_epochs=2, log_every=0)
+  key = jax.random.key(0)
+  many = inv.invert_models(models, cfg, key)
+  assert len(many) == 2
+  for m, r in zip(models, many):
+    one = inv.invert_trigger(m, cfg, key)
+    np.testing.assert_allclose(r.trigger, one.trigger, atol=1e-5)
+    np.testing.assert_allclose(r.history["loss"], one.history["loss"], rtol=1e-4)
+    assert r.epochs == one.epochs and r.trigger.shape == (16, 16, 1)
+  other = models[1].replace(scheduler_config=dict(models[1].scheduler_config, beta_end=0.03))
+  with pytest.raises(inv.InversionError):
+    inv.invert_models([models[0], other], cfg)
+
+
+def test_settings_from_full_or_flat_config():
+  from configs.common import base_config
+  c = base_config("tiny")
+  s = inv.InversionSettings.from_config(c)
+  assert s == inv.InversionSettings()  # config defaults == dataclass defaults
+  s2 = inv.InversionSettings.from_config(dict(max_epochs="5", grad_scale=10, threshold=0.3), method="whitebox")
+  assert s2.max_epochs == 5 and s2.grad_scale == 10.0 and s2.method == "whitebox"
+  with pytest.raises(inv.InversionError):
+    inv.InversionSettings.from_config(dict(method="nope"))
