@@ -66,9 +66,28 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
       terd=ml_collections.ConfigDict(_module_defaults("terd"))))
 
   # ---- stage 2 (diffcleanse_jax/defense/): pruning, fine-tuning, end-to-end cleanse.
-  c.prune = ml_collections.ConfigDict()
-  c.finetune = ml_collections.ConfigDict()
-  c.cleanse = ml_collections.ConfigDict()
+  # prune: Taylor scores on one clean batch (the first `batch_size` images of the fine-tune set) with one fixed
+  # noise over t in [t_threshold, T-1] (every t_stride-th; t_chunk timesteps per gradient call), then remove
+  # n = C - int(C (1 - ratio)) channels per group (GroupNorm groups: floor(n/G) per GN chunk; ALGORITHMS §5).
+  # score_mode: sum (reference code) | bd_minus_clean | bd_only | clean_only | random.
+  c.prune = ml_collections.ConfigDict(dict(
+      ratio=0.02, score_mode="sum", t_threshold=900, t_stride=1, t_chunk=4, batch_size=128,
+      use_true_trigger=False, rescale_attention=False))
+  # finetune: dual loss (w_ddpm * DDPM + w_kd * distillation to the original model), antithetic timesteps, Adam,
+  # cosine, clip 1.0, EMA 0.999. num_steps 0 = epochs * num_images / batch_size. data: 'generated' (samples of
+  # the original model from plain noise, cached in the workdir: num_images of them, sample_method/sample_steps)
+  # or 'dataset' (config.data).
+  c.finetune = ml_collections.ConfigDict(dict(
+      data="generated", num_images=10000, sample_method="ddim", sample_steps=100, sample_batch_size=128,
+      batch_size=128, num_steps=0, epochs=40, learning_rate=2e-4, warmup_steps=0, lr_schedule="cosine",
+      grad_clip=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, ema_decay=0.999,
+      ema_warmup=True, steps_per_call=1, log_every=50, checkpoint_every=500, keep_checkpoints=2, flip=True,
+      w_ddpm=1.0, w_kd=1.0, antithetic=True))
+  # cleanse (diffcleanse_jax/defense/cleanse.py): detect -> remove (if backdoored or force) -> evaluate.
+  # method: diffcleanse | prune | finetune | elijah | clip | anp. anp_*: BadDiffusion's ANP probe (ALGORITHMS §7.3).
+  c.cleanse = ml_collections.ConfigDict(dict(
+      method="diffcleanse", force=False, skip_detection=False, evaluate=True, grid_size=16,
+      anp_budget=4.0, anp_learning_rate=1e-4, anp_steps=100, anp_batch_size=128))
 
   c.mesh = ml_collections.ConfigDict(dict(num_devices=-1))
   c.distributed = ml_collections.ConfigDict(dict(
