@@ -15,7 +15,10 @@ def get_config():
   c.train.checkpoint_every = 250
   c.train.log_every = 25
   c.train.flip = True
-  c.sample.method = "ddim"
-  c.sample.num_steps = 100
+  # Grids: DDPM ancestral sampling, 500 "leading" steps, x0-hat clipped to [-1,1] (google/ddpm-* scheduler
+  # configs clip too). A model this small and this briefly trained gives saturated samples without clipping.
+  c.sample.method = "ddpm"
+  c.sample.num_steps = 500
+  c.sample.clip_sample = True
   c.sample.num_images = 64
   return c

@@ -143,7 +143,14 @@ def load_training_checkpoint(path: str, use_ema: bool = True) -> DiffusionModel:
 
 
 def is_diffusers_folder(path: str) -> bool:
-  return any(os.path.isfile(os.path.join(path, sub, "config.json")) for sub in ("", "unet"))
+  """config.json next to diffusion_pytorch_model.* (or a pipeline's unet/ subfolder). A training workdir also
+  has a config.json (the run config) but no weights file beside it."""
+  for sub in ("", "unet"):
+    d = os.path.join(path, sub)
+    if os.path.isfile(os.path.join(d, "config.json")) and any(
+        n.startswith("diffusion_pytorch_model") for n in (os.listdir(d) if os.path.isdir(d) else [])):
+      return True
+  return False
 
 
 def load_pretrained(path: str, use_ema: bool = True) -> DiffusionModel:
@@ -161,8 +168,12 @@ def load_pretrained(path: str, use_ema: bool = True) -> DiffusionModel:
     return DiffusionModel(spec, params, scheduler_config, source=path)
   if _training_step_dir(path) is not None:
     return load_training_checkpoint(path, use_ema)
-  if os.path.isdir(os.path.join(path, "cleansed")):
-    return load_pretrained(os.path.join(path, "cleansed"), use_ema)
+  for sub in ("cleansed", "model"):  # the output folders of --mode=cleanse / --mode=train|attack
+    if os.path.isdir(os.path.join(path, sub)):
+      return load_pretrained(os.path.join(path, sub), use_ema)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    from diffcleanse_jax.io import diffusers as diffusers_io
+    diffusers_io.load_diffusers_folder(path)  # raises the precise error (e.g. weights file missing)
   raise ModelLoadError(f"{path}: not a model folder (no config.json, {NATIVE_META} or checkpoints/)")
 
 
