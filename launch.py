@@ -18,7 +18,17 @@ from ml_collections import config_flags
 
 MODES = ("train", "sample", "import", "export", "attack", "evaluate", "detect", "scan", "cleanse")
 
-config_flags.DEFINE_config_file("config", "configs/fashion_mnist_cpu.py", "Experiment config file.", lock_config=True)
+def _bad_flag(e: BaseException) -> None:
+  msg = str(e).strip().strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+  print(f"error: bad command-line flag: {msg or type(e).__name__}", file=sys.stderr)
+  sys.exit(2)
+
+
+try:  # ml_collections applies --config.x.y overrides while defining the flag: a typo raises right here.
+  config_flags.DEFINE_config_file("config", "configs/fashion_mnist_cpu.py", "Experiment config file.",
+                                  lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as _e:
+  _bad_flag(_e)
 flags.DEFINE_string("workdir", None, "Output directory (checkpoints, samples, reports, resolved config).")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_string("model", None, "Input model: diffusers folder, native model folder or training workdir.")
@@ -91,5 +101,13 @@ def main(argv) -> None:
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl flag parsing where a bad --config override (unknown field, wrong type) is one line, exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    _bad_flag(e)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
