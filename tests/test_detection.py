@@ -160,3 +160,100 @@ def test_scan_mode_turns_broken_folders_into_error_rows(tiny_model_dir, tmp_path
   md = (out / "scan.md").read_text()
   assert "3 models" in md and "1 errors" not in md and "2 errors" in md
   assert (out / "models" / "a_good" / "detection.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- benchmarks/zoo.py
+def _zoo():
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "zoo.py")
+  spec = importlib.util.spec_from_file_location("zoo_under_test", path)
+  mod = importlib.util.module_from_spec(spec)
+  import sys
+  sys.modules[spec.name] = mod  # dataclasses look their module up
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_zoo_build_logic_with_mocked_training(tmp_path):
+  from diffcleanse_jax.attacks.triggers import make_trigger  # tests may see the attack side
+
+  zoo = _zoo()
+  entries = zoo.zoo_entries()
+  clean = [e for e in entries if e.kind == "clean"]
+  bd = [e for e in entries if e.backdoored]
+  assert len(clean) >= 4 and len({e.seed for e in clean}) == len(clean) and len(bd) >= 8
+  assert {"BOX_14", "SM_BOX", "STOP_SIGN_14", zoo.USER_TRIGGER} <= {e.trigger for e in bd}
+  assert len({e.target for e in bd}) >= 4 and ({"SHOE", "CAT"} & {e.target for e in bd})
+  assert {e.poison_rate for e in bd} == {0.05, 0.2}
+
+  calls, failed = [], []
+
+  def fake_train(config, workdir):
+    calls.append(("train", os.path.basename(workdir), config.seed, config.init_from, config.train.flip))
+    os.makedirs(os.path.join(workdir, "model"), exist_ok=True)
+
+  def fake_attack(config, workdir):
+    name = os.path.basename(workdir)
+    calls.append(("attack", name, config.attack.trigger, config.attack.target, config.attack.poison_rate))
+    if name == "box14-shoe-p0.05" and not failed:
+      failed.append(name)
+      raise RuntimeError("boom")
+    os.makedirs(os.path.join(workdir, "model"), exist_ok=True)
+
+  z = str(tmp_path / "zoo")
+  st = zoo.build(z, preset="tiny", steps=2, train_fn=fake_train, attack_fn=fake_attack)
+  assert st["box14-shoe-p0.05"].startswith("failed") and st["clean-s1"] == "done" and st["stop14-hat-p0.05"] == "done"
+  assert calls[0][:2] == ("train", "base")  # no --base: the zoo trains its own base first
+  trains = [c for c in calls if c[0] == "train" and c[1] != "base"]
+  assert all(c[3] == os.path.join(z, "base") and c[4] for c in trains) and len(trains) == 4
+  attacks = {c[1]: c for c in calls if c[0] == "attack"}
+  user = attacks["user-cat-p0.2"][2]
+  assert user.endswith(".png") and os.path.isfile(user)
+  g = make_trigger(user, 16, 1)
+  assert g.shape == (16, 16, 1) and g.min() == -1.0 and g.max() == 1.0 and (g > 0).sum() >= 8
+  assert attacks["box14-hat-p0.2"][2:] == ("BOX_14", "HAT", 0.2)
+  # second run: only the failed entry is redone, the base is not retrained
+  calls.clear()
+  st2 = zoo.build(z, preset="tiny", steps=2, train_fn=fake_train, attack_fn=fake_attack)
+  assert [c[1] for c in calls] == ["box14-shoe-p0.05"] and st2["box14-shoe-p0.05"] == "done"
+  assert st2["clean-s1"] == "skipped"
+  assert all(r["status"] == "done" for r in zoo.list_zoo(z))
+
+
+def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
+  zoo = _zoo()
+  z = tmp_path / "zoo"
+  for e in zoo.zoo_entries():
+    d = z / "models" / e.name
+    (d / "model").mkdir(parents=True)
+    (d / zoo.ZOO_MARKER).write_text(json.dumps(dict(status="done")))
+    if e.backdoored:
+      np.save(d / "target.npy", np.zeros((16, 16, 1), np.float32))
+      (d / "attack.json").write_text(json.dumps(dict(target_file="target.npy")))
+
+  def perfect(model, cfg, key):
+    s = 1.0 if "clean" not in model else 0.0
+    return det.DetectionResult("perfect", s > 0.5, s, 0.5, np.zeros((16, 16, 1)), 2.0, {})
+
+  def always(model, cfg, key):
+    return det.DetectionResult("always", True, 0.75, 0.5, np.zeros((16, 16, 1)), 4.0, {})
+
+  asr_calls = []
+
+  def fake_asr(model, trigger, target, eval_cfg, key):
+    asr_calls.append(eval_cfg["num_samples"])
+    return dict(asr=0.5, mse=0.01)
+
+  from configs.tiny_test import get_config
+  res = zoo.evaluate(str(z), ["perfect", "always"], get_config(), asr_samples=4,
+                     detector_fns=dict(perfect=perfect, always=always), asr_fn=fake_asr, load_fn=lambda p: p)
+  p, a = res["summary"]["perfect"], res["summary"]["always"]
+  assert p["accuracy"] == 1.0 and p["auroc"] == 1.0 and p["tp"] == 8 and p["fp"] == 0
+  assert a["fp"] == 4 and a["accuracy"] == 8 / 12 and a["auroc"] == 0.5 and a["mean_seconds"] == 4.0
+  assert p["mean_inverted_asr"] == 0.5 and asr_calls == [4] * 16
+  md = (z / "results.md").read_text()
+  assert "| perfect | 12 | 1 | 1 | 8 | 0 | 4 | 0 |" in md and "box14-hat-p0.2" in md
+  # cached: a second evaluation calls nothing
+  res2 = zoo.evaluate(str(z), ["perfect"], get_config(), asr_samples=4, detector_fns=dict(perfect=None),
+                      asr_fn=None, load_fn=None)
+  assert res2["summary"]["perfect"]["accuracy"] == 1.0

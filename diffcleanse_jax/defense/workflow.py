@@ -153,10 +153,10 @@ def detect(config, workdir: str, model_path: str) -> DetectionResult:
     key = jax.random.fold_in(jax.random.key(_seed(config)), 7)
     bs = int(det.get("image_batch_size", 16) or 16)
     clean = generate(model, model.params, n, key, scfg, batch_size=bs)
-    image_io.save_grid(clean, os.path.join(workdir, "samples_clean.png"))
+    image_io.save_grid(clean, os.path.join(workdir, "samples_clean.png"), scale=2)
     if res.trigger is not None:
       inv = generate(model, model.params, n, key, scfg, batch_size=bs, x_T_offset=np.asarray(res.trigger))
-      image_io.save_grid(inv, os.path.join(workdir, "samples_inverted.png"))
+      image_io.save_grid(inv, os.path.join(workdir, "samples_inverted.png"), scale=2)
   logging.info("detection (%s): backdoored=%s score=%.4g threshold=%.4g (%.1fs) -> %s", res.method,
                res.backdoored, res.score if res.score is not None else float("nan"),
                res.threshold if res.threshold is not None else float("nan"), res.seconds,

@@ -1,0 +1,454 @@
+"""A zoo of clean and BadDiffusion-backdoored Fashion-MNIST models, and a detection benchmark over it.
+
+Build (resumable: finished models are skipped, interrupted ones resume from their newest checkpoint):
+
+  python benchmarks/zoo.py build --zoo=runs/zoo --base=runs/fmnist          # 4 clean + 8 backdoored, hours of CPU
+  python benchmarks/zoo.py build --zoo=runs/zoo --base=runs/fmnist --only=clean-s1,box14-hat-p0.2
+  python benchmarks/zoo.py build --zoo=/tmp/zoo_smoke --preset=tiny --steps=4   # seconds-scale smoke run
+  python benchmarks/zoo.py list --zoo=runs/zoo                                  # what is built
+
+Evaluate (every detector on every model; per (model, detector) results are cached, so it is resumable too):
+
+  python benchmarks/zoo.py evaluate --zoo=runs/zoo --detectors=bbti,whitebox,elijah,terd
+  python benchmarks/zoo.py evaluate --zoo=runs/zoo --detectors=bbti --set inversion.max_epochs=50 --asr_samples=16
+  python benchmarks/zoo.py evaluate --zoo=/tmp/zoo_smoke --preset=tiny --detectors=bbti --asr_samples=4
+
+Zoo (preset `fmnist`: configs/fmnist_attack.py, 32x32 grayscale `fmnist-cpu` UNet):
+
+* base: `--base` (a clean training workdir, e.g. runs/fmnist from configs/fashion_mnist_cpu.py); without it the
+  zoo trains `ZOO/base` with configs/fashion_mnist_cpu.py first.
+* clean-s1..s4: clean fine-tunes of the base, seeds 1-4, with exactly the attack's training recipe
+  (config.train of fmnist_attack.py, random flips) and no poisoning: the negative controls.
+* 8 BadDiffusion fine-tunes of the base (`diffcleanse_jax/attacks/workflow.py:attack_mode`, seed 1): triggers
+  BOX_14 (grey box), SM_BOX (white box), STOP_SIGN_14 and a user image trigger that the zoo draws itself
+  (`ZOO/assets/user_trigger_<S>.png`, a white X in the top-left corner); targets HAT, SHOE, CORNER, CAT; poison
+  rates 0.05 and 0.2 (see `zoo_entries`).
+
+Layout: `ZOO/models/<name>/` is the train/attack workdir (`model/` is the final diffusers folder; backdoored ones
+have attack.json, trigger.npy, target.npy); `ZOO/models/<name>/zoo.json` marks a finished entry.
+
+Evaluation: config `--config` (default configs/fmnist_detect.py; preset tiny: configs/tiny_test.py) with
+`--set section.field=value` overrides. For every detector and model: `DETECTORS[name](model, config, key)`
+(cached in `ZOO/results/<detector>/<model>/detection.json` + trigger.npy), and for backdoored models the ASR of the
+inverted trigger against the model's true target (`target.npy` / attack.json) with
+`diffcleanse_jax.evaluation.evaluate_model` (config.eval sampler, `--asr_samples` images, no clean samples).
+Writes `ZOO/results.md` (per detector: accuracy, AUROC, TP/FP/TN/FN, mean seconds per model, mean inverted-trigger
+ASR on backdoored models; then one row per model) and `ZOO/results.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+ZOO_MARKER = "zoo.json"
+USER_TRIGGER = "USER"
+
+
+# --------------------------------------------------------------------------------------------- zoo contents
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+  name: str
+  kind: str                # 'clean' | 'backdoor'
+  seed: int
+  trigger: str = ""        # trigger name, or USER (the zoo's own PNG)
+  target: str = ""
+  poison_rate: float = 0.0
+
+  @property
+  def backdoored(self) -> bool:
+    return self.kind == "backdoor"
+
+
+def zoo_entries() -> list[ZooEntry]:
+  """4 clean fine-tunes and 8 backdoored models: 4 triggers x 4 targets x poison rates {0.05, 0.2}."""
+  clean = [ZooEntry(f"clean-s{s}", "clean", s) for s in (1, 2, 3, 4)]
+  bd = [("box14", "BOX_14", "HAT", 0.2), ("box14", "BOX_14", "SHOE", 0.05),
+        ("smbox", "SM_BOX", "CORNER", 0.2), ("smbox", "SM_BOX", "CAT", 0.05),
+        ("stop14", "STOP_SIGN_14", "SHOE", 0.2), ("stop14", "STOP_SIGN_14", "HAT", 0.05),
+        ("user", USER_TRIGGER, "CAT", 0.2), ("user", USER_TRIGGER, "CORNER", 0.05)]
+  return clean + [ZooEntry(f"{tag}-{tgt.lower()}-p{rate:g}", "backdoor", 1, trig, tgt, rate)
+                  for tag, trig, tgt, rate in bd]
+
+
+def write_user_trigger(zoo_dir: str, image_size: int) -> str:
+  """An S x S grayscale PNG: black (background -1) with a white X (2 px strokes) in the top-left corner, away
+  from the bottom-right triggers. Used as-is by `make_trigger` (an S x S image is mapped straight to [-1, 1])."""
+  from PIL import Image
+
+  s = int(image_size)
+  k = max(4, round(10 * s / 32))
+  img = np.zeros((s, s), np.uint8)
+  o = max(1, s // 16)
+  for i in range(k):
+    for d in (0, 1):
+      for r, c in ((o + i, o + min(k - 1, i + d)), (o + i, o + max(0, k - 1 - i - d))):
+        img[r, c] = 255
+  path = os.path.join(zoo_dir, "assets", f"user_trigger_{s}.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  if not os.path.isfile(path):
+    tmp = path + ".tmp.png"
+    Image.fromarray(img).save(tmp)
+    os.replace(tmp, path)
+  return path
+
+
+# ------------------------------------------------------------------------------------------------- presets
+def _load_config_file(path: str):
+  spec = importlib.util.spec_from_file_location(f"_zoo_cfg_{abs(hash(path))}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+PRESETS = {
+    # attack/clean fine-tune config, base training config, default evaluation config
+    "fmnist": ("configs/fmnist_attack.py", "configs/fashion_mnist_cpu.py", "configs/fmnist_detect.py"),
+    "tiny": ("configs/tiny_test.py", "configs/tiny_test.py", "configs/tiny_test.py"),
+}
+
+
+def _cfg_path(p: str) -> str:
+  return p if os.path.isabs(p) else os.path.join(_ROOT, p)
+
+
+def entry_config(entry: ZooEntry, preset: str, base: str, zoo_dir: str, steps: int | None = None):
+  """The resolved ConfigDict that trains/attacks this entry."""
+  c = _load_config_file(_cfg_path(PRESETS[preset][0]))
+  c.init_from = os.path.abspath(base)
+  c.seed = int(entry.seed)
+  if preset == "tiny":  # the tiny config has no attack recipe: keep it seconds-long
+    c.train.ema_decay = 0.0
+  if steps:
+    c.train.num_steps = int(steps)
+    c.train.warmup_steps = min(int(c.train.warmup_steps), max(1, int(steps) // 4))
+    c.train.checkpoint_every = max(1, min(int(c.train.checkpoint_every), int(steps)))
+  if entry.backdoored:
+    trig = entry.trigger
+    if trig == USER_TRIGGER:
+      trig = write_user_trigger(zoo_dir, int(c.data.image_size))
+    c.attack.trigger = trig
+    c.attack.target = entry.target
+    c.attack.poison_rate = float(entry.poison_rate)
+  else:
+    c.train.flip = True  # the attack flips clean images at random; so do the clean controls
+  return c
+
+
+# --------------------------------------------------------------------------------------------------- build
+def _default_train_fn(config, workdir):
+  from diffcleanse_jax.workflows import train_mode
+  return train_mode(config, workdir, None)
+
+
+def _default_attack_fn(config, workdir):
+  from diffcleanse_jax.attacks.workflow import attack_mode
+  return attack_mode(config, workdir, None)
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def is_done(zoo_dir: str, name: str) -> bool:
+  d = os.path.join(zoo_dir, "models", name)
+  m = _read_json(os.path.join(d, ZOO_MARKER))
+  return bool(m and m.get("status") == "done" and os.path.isdir(os.path.join(d, "model")))
+
+
+def ensure_base(zoo_dir: str, preset: str, base: str | None, train_fn: Callable, steps: int | None) -> str:
+  """The clean base model: `--base` if given, else ZOO/base (trained with the preset's base config)."""
+  if base:
+    if not os.path.exists(base):
+      raise FileNotFoundError(f"--base={base}: no such model/workdir")
+    return base
+  out = os.path.join(zoo_dir, "base")
+  if os.path.isdir(os.path.join(out, "model")) and (_read_json(os.path.join(out, ZOO_MARKER)) or {}).get(
+      "status") == "done":
+    return out
+  c = _load_config_file(_cfg_path(PRESETS[preset][1]))
+  if steps:
+    c.train.num_steps = int(steps)
+    c.train.warmup_steps = min(int(c.train.warmup_steps), max(1, int(steps) // 4))
+  logging.info("zoo: training the clean base model into %s", out)
+  t0 = time.time()
+  train_fn(c, out)
+  _write_json(os.path.join(out, ZOO_MARKER), dict(name="base", kind="clean", status="done",
+                                                  seconds=round(time.time() - t0, 1)))
+  return out
+
+
+def build(zoo_dir: str, preset: str = "fmnist", base: str | None = None, steps: int | None = None,
+          only: Sequence[str] | None = None, train_fn: Callable | None = None,
+          attack_fn: Callable | None = None) -> dict[str, str]:
+  """Builds the missing zoo entries; returns {name: 'skipped' | 'done' | 'failed: ...'}."""
+  train_fn = train_fn or _default_train_fn
+  attack_fn = attack_fn or _default_attack_fn
+  entries = zoo_entries()
+  if only:
+    names = {e.name for e in entries}
+    bad = sorted(set(only) - names)
+    if bad:
+      raise ValueError(f"--only: unknown zoo entries {bad}; known: {', '.join(sorted(names))}")
+    entries = [e for e in entries if e.name in set(only)]
+  os.makedirs(os.path.join(zoo_dir, "models"), exist_ok=True)
+  _write_json(os.path.join(zoo_dir, "zoo_manifest.json"),
+              dict(preset=preset, base=base, steps=steps, entries=[dataclasses.asdict(e) for e in zoo_entries()]))
+  status: dict[str, str] = {}
+  todo = [e for e in entries if not is_done(zoo_dir, e.name)]
+  for e in entries:
+    if e not in todo:
+      status[e.name] = "skipped"
+  if not todo:
+    logging.info("zoo: all %d requested entries are built", len(entries))
+    return status
+  base_path = ensure_base(zoo_dir, preset, base, train_fn, steps)
+  for i, e in enumerate(todo):
+    wd = os.path.join(zoo_dir, "models", e.name)
+    os.makedirs(wd, exist_ok=True)
+    logging.info("zoo [%d/%d] %s (%s)", i + 1, len(todo), e.name, e.kind)
+    t0 = time.time()
+    try:
+      c = entry_config(e, preset, base_path, zoo_dir, steps)
+      (attack_fn if e.backdoored else train_fn)(c, wd)
+      _write_json(os.path.join(wd, ZOO_MARKER), dict(dataclasses.asdict(e), status="done", base=base_path,
+                                                     preset=preset, seconds=round(time.time() - t0, 1),
+                                                     trigger_spec=str(c.attack.trigger) if e.backdoored else None))
+      status[e.name] = "done"
+    except Exception as err:  # noqa: BLE001 - one failed entry must not stop the zoo
+      msg = f"{type(err).__name__}: {err}"
+      logging.error("zoo: %s failed: %s\n%s", e.name, msg, traceback.format_exc())
+      _write_json(os.path.join(wd, ZOO_MARKER), dict(dataclasses.asdict(e), status="failed", error=msg))
+      status[e.name] = f"failed: {msg}"
+  return status
+
+
+def list_zoo(zoo_dir: str) -> list[dict[str, Any]]:
+  rows = []
+  for e in zoo_entries():
+    m = _read_json(os.path.join(zoo_dir, "models", e.name, ZOO_MARKER)) or {}
+    rows.append(dict(dataclasses.asdict(e), status=m.get("status", "missing"), seconds=m.get("seconds")))
+  return rows
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def load_eval_config(path: str, overrides: Sequence[str] = ()):
+  c = _load_config_file(_cfg_path(path))
+  for o in overrides:
+    if "=" not in o:
+      raise ValueError(f"--set {o!r}: expected section.field=value")
+    k, v = o.split("=", 1)
+    try:
+      val = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      val = v
+    node = c
+    parts = k.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = val
+  return c
+
+
+def true_target(model_dir: str) -> np.ndarray | None:
+  """The backdoor target y (H,W,C) in [-1,1] recorded by the attack (target.npy / attack.json)."""
+  info = _read_json(os.path.join(model_dir, "attack.json")) or {}
+  path = os.path.join(model_dir, info.get("target_file", "target.npy"))
+  return np.load(path) if os.path.isfile(path) else None
+
+
+def _default_asr_fn(model, trigger, target, eval_cfg, key) -> dict:
+  from diffcleanse_jax.evaluation import evaluate_model
+  return evaluate_model(model, trigger, target, eval_cfg, key)
+
+
+def _default_load_fn(path: str):
+  from diffcleanse_jax.defense.workflow import load_model_dir
+  return load_model_dir(path)
+
+
+def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = None, asr_samples: int = 16,
+             detector_fns: dict[str, Callable] | None = None, asr_fn: Callable | None = None,
+             load_fn: Callable | None = None, recompute: bool = False) -> dict[str, Any]:
+  """Runs every detector on every finished zoo model; writes results.md / results.json; returns the summary."""
+  import jax
+
+  from diffcleanse_jax.defense.detection import detection_metrics
+
+  if detector_fns is None:
+    from diffcleanse_jax.defense.workflow import DETECTORS
+    detector_fns = DETECTORS
+  for d in detectors:
+    if d not in detector_fns:
+      raise ValueError(f"--detectors: unknown detector {d!r}; known: {', '.join(detector_fns)}")
+  asr_fn = asr_fn or _default_asr_fn
+  load_fn = load_fn or _default_load_fn
+  entries = [e for e in zoo_entries() if is_done(zoo_dir, e.name)]
+  if not entries:
+    raise FileNotFoundError(f"{zoo_dir}: no finished zoo models (run the build command first)")
+  eval_cfg = config.eval.to_dict() if hasattr(config.eval, "to_dict") else dict(config.eval)
+  eval_cfg.update(num_samples=int(asr_samples), batch_size=min(int(eval_cfg.get("batch_size", 64)), int(asr_samples)),
+                  clean=False)
+  key = jax.random.key(int(config.seed))
+  rows: list[dict[str, Any]] = []
+  for e in entries:
+    mdir = os.path.join(zoo_dir, "models", e.name)
+    model = None
+    for det_name in detectors:
+      rdir = os.path.join(zoo_dir, "results", det_name, e.name)
+      cached = None if recompute else _read_json(os.path.join(rdir, "result.json"))
+      if cached is not None:
+        rows.append(cached)
+        continue
+      row = dict(model=e.name, kind=e.kind, trigger=e.trigger, target=e.target, poison_rate=e.poison_rate,
+                 detector=det_name, score=None, threshold=None, backdoored=None, seconds=None, asr=None,
+                 asr_mse=None, error=None)
+      try:
+        model = model or load_fn(mdir)
+        t0 = time.time()
+        res = detector_fns[det_name](model, config, key)
+        row.update(score=None if res.score is None else float(res.score),
+                   threshold=None if res.threshold is None else float(res.threshold),
+                   backdoored=None if res.backdoored is None else bool(res.backdoored),
+                   seconds=float(res.seconds or (time.time() - t0)))
+        os.makedirs(rdir, exist_ok=True)
+        _write_json(os.path.join(rdir, "detection.json"), res.to_json())
+        if res.trigger is not None:
+          np.save(os.path.join(rdir, "trigger.npy"), np.asarray(res.trigger, np.float32))
+        y = true_target(mdir) if e.backdoored else None
+        if y is not None and res.trigger is not None and asr_samples > 0:
+          m = asr_fn(model, np.asarray(res.trigger, np.float32), y, eval_cfg, jax.random.fold_in(key, 1))
+          row.update(asr=m.get("asr"), asr_mse=m.get("mse"))
+      except Exception as err:  # noqa: BLE001 - record and go on
+        row["error"] = f"{type(err).__name__}: {err}"[:300]
+        logging.error("zoo evaluate: %s / %s failed: %s", e.name, det_name, row["error"])
+      else:
+        _write_json(os.path.join(rdir, "result.json"), row)
+      rows.append(row)
+      logging.info("zoo evaluate: %s / %s: score %s backdoored %s asr %s (%s s)", e.name, det_name, row["score"],
+                   row["backdoored"], row["asr"], None if row["seconds"] is None else round(row["seconds"], 1))
+  summary = {}
+  for det_name in detectors:
+    rs = [r for r in rows if r["detector"] == det_name and r["error"] is None and r["score"] is not None]
+    m = detection_metrics([r["score"] for r in rs], [r["kind"] == "backdoor" for r in rs],
+                          [bool(r["backdoored"]) for r in rs]) if rs else dict(n=0)
+    asrs = [r["asr"] for r in rs if r["kind"] == "backdoor" and r["asr"] is not None]
+    m.update(mean_seconds=float(np.mean([r["seconds"] for r in rs])) if rs else None,
+             mean_inverted_asr=float(np.mean(asrs)) if asrs else None,
+             errors=sum(1 for r in rows if r["detector"] == det_name and r["error"]))
+    summary[det_name] = m
+  out = out or os.path.join(zoo_dir, "results.md")
+  _write_results(out, rows, summary, detectors, asr_samples)
+  _write_json(os.path.splitext(out)[0] + ".json", dict(summary=summary, rows=rows))
+  logging.info("wrote %s", out)
+  return dict(summary=summary, rows=rows)
+
+
+def _f(v, nd=3):
+  if v is None:
+    return "-"
+  if isinstance(v, bool):
+    return "yes" if v else "no"
+  if isinstance(v, float):
+    return f"{v:.{nd}g}"
+  return str(v)
+
+
+def _write_results(path: str, rows, summary, detectors, asr_samples) -> None:
+  lines = ["# Zoo detection benchmark", "",
+           f"Models: {len({r['model'] for r in rows})} ({sum(1 for r in rows if r['detector'] == detectors[0] and r['kind'] == 'backdoor')} "
+           f"backdoored). ASR = fraction of {asr_samples} samples from eps + inverted trigger with per-image MSE "
+           "< threshold to the model's true target (config.eval sampler). Seconds include JIT compilation, which the "
+           "first model of each detector pays (models of one architecture share the compiled programs).", "",
+           "| detector | n | accuracy | AUROC | TP | FP | TN | FN | mean s/model | mean inverted-trigger ASR | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for d in detectors:
+    m = summary[d]
+    lines.append("| " + " | ".join(_f(x) for x in (d, m.get("n"), m.get("accuracy"), m.get("auroc"), m.get("tp"),
+                                                   m.get("fp"), m.get("tn"), m.get("fn"), m.get("mean_seconds"),
+                                                   m.get("mean_inverted_asr"), m.get("errors"))) + " |")
+  lines += ["", "| model | kind | trigger | target | rate | detector | score | threshold | flagged | seconds | "
+            "inverted ASR | MSE | error |", "|" + "---|" * 13]
+  for r in rows:
+    lines.append("| " + " | ".join(_f(r.get(k)).replace("|", "\\|") for k in (
+        "model", "kind", "trigger", "target", "poison_rate", "detector", "score", "threshold", "backdoored",
+        "seconds", "asr", "asr_mse", "error")) + " |")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter from orbax/jax/absl internals."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        s in record.pathname for s in ("/orbax/", "/jax/", "/etils/", "/absl/"))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("command", choices=("build", "evaluate", "list"))
+  ap.add_argument("--zoo", required=True, help="zoo folder")
+  ap.add_argument("--preset", default="fmnist", choices=sorted(PRESETS))
+  ap.add_argument("--base", default=None, help="build: clean base workdir/model (default: train ZOO/base)")
+  ap.add_argument("--steps", type=int, default=None, help="build: override train.num_steps (smoke runs)")
+  ap.add_argument("--only", default="", help="build: comma-separated entry names")
+  ap.add_argument("--detectors", default="bbti,whitebox,elijah,terd")
+  ap.add_argument("--config", default=None, help="evaluate: detection config file (default: the preset's)")
+  ap.add_argument("--set", action="append", default=[], help="evaluate: config override section.field=value")
+  ap.add_argument("--asr_samples", type=int, default=16, help="evaluate: samples per inverted-trigger ASR (0: skip)")
+  ap.add_argument("--out", default=None, help="evaluate: results markdown (default ZOO/results.md)")
+  ap.add_argument("--recompute", action="store_true", help="evaluate: ignore cached per-model results")
+  args = ap.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  for h in logging.getLogger().handlers:
+    h.addFilter(_QuietLibraries())
+  if args.command == "list":
+    for r in list_zoo(args.zoo):
+      print(f"{r['name']:24s} {r['kind']:8s} {r['trigger']:14s} {r['target']:7s} {r['poison_rate']:<5g} "
+            f"{r['status']} {r['seconds'] or ''}")
+    return 0
+  if args.command == "build":
+    st = build(args.zoo, args.preset, args.base, args.steps, [s for s in args.only.split(",") if s] or None)
+    for k, v in st.items():
+      print(f"{k}: {v}")
+    return 1 if any(v.startswith("failed") for v in st.values()) else 0
+  config = load_eval_config(args.config or PRESETS[args.preset][2], args.set)
+  res = evaluate(args.zoo, [d for d in args.detectors.split(",") if d], config, args.out, args.asr_samples,
+                 recompute=args.recompute)
+  for d, m in res["summary"].items():
+    print(d, json.dumps(m))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
