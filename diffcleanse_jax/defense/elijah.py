@@ -32,6 +32,12 @@ Removal (stage 2). `make_removal_loss(eps_fn, frozen_params, tau, alphas_cumprod
 L_DDPM(clean batch) + MSE(eps_theta(eps + tau, T-1), eps_theta0(eps, T-1)) + MSE(eps_theta(eps, T-1),
 eps_theta0(eps, T-1)), theta0 frozen, eps the batch's DDPM noises (one draw shared by the three terms).
 
+Cost. The defaults are the official ones (100 noises, 100 iterations) except the detection sampler (DDIM-50
+instead of full DDPM). On a random-init `fmnist-cpu` UNet (32x32x1, 0.69M parameters) `detect(model, {})` took
+392 s on 2 CPU cores shared with other jobs (load average ~9): 365 s inversion (one input-gradient of a
+100-image batch per iteration), 27 s sampling. `num_noise=32` cuts the inversion ~3x. `loop="python"` (a jitted
+step called from Python) is the default: a `lax.scan` over the iterations measured 3.8x slower on XLA:CPU.
+
 Config keys (`cfg.get(name, default)`, so an empty config works): see `DEFAULTS`.
 """
 from __future__ import annotations

@@ -22,7 +22,9 @@ Without it the "without mu" term does not depend on mu; it is computed for the l
 Iteration counts. The paper/official values are 3000 + 1000 (`profile="paper"`). The default `profile="cpu"`
 uses 100 + 20 so that `detect` runs in a few minutes on a 32x32x1, 0.7M-parameter UNet on 2 CPU cores; the cosine
 schedules are stretched over the shorter stages. Explicit `stage_a_iters` / `stage_b_iters` >= 0 override the
-profile (-1, the default, = take the profile's).
+profile (-1, the default, = take the profile's). Measured: `detect(model, {})` on a random-init `fmnist-cpu` UNet
+(32x32x1, 0.69M parameters) took 206 s on 2 CPU cores shared with other jobs (load average ~9), compiles included;
+stage A costs one input-gradient of a 32-image batch per iteration, stage B adds a 10-step, 16-image sampler.
 
 Model detection (`terd_statistics`, `decide`). KL_i = -log gamma_i + (gamma_i^2 + mu_i^2 - 1) / 2 per dimension
 (gamma = 1: mu_i^2 / 2); M_r = mean_i KL_i - N_m, V_r = Var_i KL_i - N_v (population variance), N_m = -0.4,
