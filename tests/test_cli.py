@@ -99,10 +99,6 @@ def test_train_writes_resolved_config_checkpoints_samples_and_model(trained):
   _same_params(exported, from_ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason="io/native.py load_pretrained: a training workdir holds config.json (the "
-                   "resolved run config), so is_diffusers_folder() claims it and loading fails with 'no "
-                   "diffusion_pytorch_model.safetensors'; `--mode=sample --model=<workdir>` (launch.py's own "
-                   "example) hits the same path. Fix proposed: prefer checkpoints/ when present")
 def test_a_training_workdir_loads_with_load_pretrained(trained):
   model = load_pretrained(str(trained))
   assert model.metadata["checkpoint"].endswith(os.path.join("checkpoints", "4"))
@@ -182,9 +178,6 @@ def test_typo_in_a_diffusers_config_json_is_one_clear_line(cli, trained, tmp_pat
     assert "norm_num_group" in r.stderr.replace("norm_num_groups", "")  # the warning names the ignored key
 
 
-@pytest.mark.xfail(strict=True, reason="launch.py: ml_collections raises AttributeError (not flags.Error) while "
-                   "absl parses --config.train.learning_rte=1, so it escapes as a traceback with exit status 1; "
-                   "needs an app.run flags_parser that reports it as one line (patch proposed)")
 def test_config_override_of_an_unknown_field_is_one_clear_line(cli, tmp_path):
   line = _error_line(cli("train", tmp_path / "w", "--config.train.learning_rte=1"))
   assert "learning_rte" in line and "learning_rate" in line

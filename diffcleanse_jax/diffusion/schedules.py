@@ -26,7 +26,7 @@ class Schedule:
 
   @property
   def alphas(self) -> np.ndarray:
-    return (1.0 - self.betas.astype(np.float32)).astype(np.float64)
+    return 1.0 - self.betas
 
   @property
   def alphas_cumprod(self) -> np.ndarray:
