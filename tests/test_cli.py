@@ -106,7 +106,7 @@ def test_a_training_workdir_loads_with_load_pretrained(trained):
 
 def test_sample_mode_writes_a_png_grid_and_its_config(cli, trained, tmp_path):
   workdir = tmp_path / "sample"
-  _ok(cli("sample", workdir, f"--model={trained / 'model'}", "--config.seed=3"))
+  _ok(cli("sample", workdir, f"--model={trained}", "--config.seed=3"))  # a training workdir: newest checkpoint
   assert json.loads((workdir / "config.json").read_text())["seed"] == 3
   from PIL import Image
   with Image.open(workdir / "samples.png") as im:
