@@ -86,8 +86,8 @@ def train(config, workdir: str) -> DiffusionModel:
   """DDPM training (or clean fine-tuning with init_from): checkpoints, final grid, exported diffusers folder."""
   write_config(config, workdir)
   mesh = parallel.make_mesh(config.mesh.num_devices)
+  images, _ = load_dataset(config.data)  # first: a missing dataset is reported before the model is built
   model = build_model(config)
-  images, _ = load_dataset(config.data)
   check_data_matches_model(images, model)
   settings = TrainSettings.from_config(config_to_dict(config.train))
   batches = BatchIterator(images, settings.batch_size, seed=config.seed, flip=settings.flip,
