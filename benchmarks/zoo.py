@@ -288,6 +288,11 @@ def _default_asr_fn(model, trigger, target, eval_cfg, key) -> dict:
   return evaluate_model(model, trigger, target, eval_cfg, key)
 
 
+def _default_mscr_fn(model, trigger, config, key) -> dict:
+  from diffcleanse_jax.defense.inversion import trigger_mscr
+  return trigger_mscr(model, trigger, config, key)
+
+
 def _default_load_fn(path: str):
   from diffcleanse_jax.defense.workflow import load_model_dir
   return load_model_dir(path)
@@ -295,8 +300,11 @@ def _default_load_fn(path: str):
 
 def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = None, asr_samples: int = 16,
              detector_fns: dict[str, Callable] | None = None, asr_fn: Callable | None = None,
-             load_fn: Callable | None = None, recompute: bool = False) -> dict[str, Any]:
-  """Runs every detector on every finished zoo model; writes results.md / results.json; returns the summary."""
+             load_fn: Callable | None = None, recompute: bool = False, mscr_fn: Callable | bool | None = None
+             ) -> dict[str, Any]:
+  """Runs every detector on every finished zoo model; writes results.md / results.json; returns the summary.
+  Also records, per backdoored model, the MSCR of its *true* trigger under the inversion's sampler (`true_mscr`:
+  the statistic's ceiling for that model; mscr_fn=False skips it)."""
   import jax
 
   from diffcleanse_jax.defense.detection import detection_metrics
@@ -317,9 +325,23 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
                   clean=False)
   key = jax.random.key(int(config.seed))
   rows: list[dict[str, Any]] = []
+  true_mscr: dict[str, Any] = {}
   for e in entries:
     mdir = os.path.join(zoo_dir, "models", e.name)
     model = None
+    if e.backdoored and mscr_fn is not False:
+      cache = os.path.join(zoo_dir, "results", "true_trigger", e.name + ".json")
+      got = None if recompute else _read_json(cache)
+      tpath = os.path.join(mdir, "trigger.npy")
+      if got is None and os.path.isfile(tpath):
+        try:
+          model = model or load_fn(mdir)
+          m = (mscr_fn or _default_mscr_fn)(model, np.load(tpath), config, key)
+          got = dict(mscr=m["mscr"], num_excluded=m.get("num_excluded"))
+          _write_json(cache, got)
+        except Exception as err:  # noqa: BLE001
+          logging.error("zoo evaluate: true-trigger MSCR of %s failed: %s", e.name, err)
+      true_mscr[e.name] = None if got is None else got.get("mscr")
     for det_name in detectors:
       rdir = os.path.join(zoo_dir, "results", det_name, e.name)
       cached = None if recompute else _read_json(os.path.join(rdir, "result.json"))
@@ -353,6 +375,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
       rows.append(row)
       logging.info("zoo evaluate: %s / %s: score %s backdoored %s asr %s (%s s)", e.name, det_name, row["score"],
                    row["backdoored"], row["asr"], None if row["seconds"] is None else round(row["seconds"], 1))
+  for r in rows:
+    r["true_mscr"] = true_mscr.get(r["model"], r.get("true_mscr"))
   summary = {}
   for det_name in detectors:
     rs = [r for r in rows if r["detector"] == det_name and r["error"] is None and r["score"] is not None]
@@ -365,7 +389,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
     summary[det_name] = m
   out = out or os.path.join(zoo_dir, "results.md")
   _write_results(out, rows, summary, detectors, asr_samples)
-  _write_json(os.path.splitext(out)[0] + ".json", dict(summary=summary, rows=rows))
+  _write_json(os.path.splitext(out)[0] + ".json", dict(summary=summary, rows=rows, true_trigger_mscr=true_mscr))
   logging.info("wrote %s", out)
   return dict(summary=summary, rows=rows)
 
@@ -393,12 +417,14 @@ def _write_results(path: str, rows, summary, detectors, asr_samples) -> None:
     lines.append("| " + " | ".join(_f(x) for x in (d, m.get("n"), m.get("accuracy"), m.get("auroc"), m.get("tp"),
                                                    m.get("fp"), m.get("tn"), m.get("fn"), m.get("mean_seconds"),
                                                    m.get("mean_inverted_asr"), m.get("errors"))) + " |")
-  lines += ["", "| model | kind | trigger | target | rate | detector | score | threshold | flagged | seconds | "
-            "inverted ASR | MSE | error |", "|" + "---|" * 13]
+  lines += ["", "true MSCR = the statistic for the model's true trigger (same noise batch and sampler as the "
+            "inversion): what a perfect inversion could reach.", "",
+            "| model | kind | trigger | target | rate | true MSCR | detector | score | threshold | flagged | seconds | "
+            "inverted ASR | MSE | error |", "|" + "---|" * 14]
   for r in rows:
     lines.append("| " + " | ".join(_f(r.get(k)).replace("|", "\\|") for k in (
-        "model", "kind", "trigger", "target", "poison_rate", "detector", "score", "threshold", "backdoored",
-        "seconds", "asr", "asr_mse", "error")) + " |")
+        "model", "kind", "trigger", "target", "poison_rate", "true_mscr", "detector", "score", "threshold",
+        "backdoored", "seconds", "asr", "asr_mse", "error")) + " |")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -229,6 +229,7 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
     (d / zoo.ZOO_MARKER).write_text(json.dumps(dict(status="done")))
     if e.backdoored:
       np.save(d / "target.npy", np.zeros((16, 16, 1), np.float32))
+      np.save(d / "trigger.npy", np.zeros((16, 16, 1), np.float32))
       (d / "attack.json").write_text(json.dumps(dict(target_file="target.npy")))
 
   def perfect(model, cfg, key):
@@ -246,13 +247,15 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
 
   from configs.tiny_test import get_config
   res = zoo.evaluate(str(z), ["perfect", "always"], get_config(), asr_samples=4,
-                     detector_fns=dict(perfect=perfect, always=always), asr_fn=fake_asr, load_fn=lambda p: p)
+                     detector_fns=dict(perfect=perfect, always=always), asr_fn=fake_asr, load_fn=lambda p: p,
+                     mscr_fn=lambda model, trig, cfg, key: dict(mscr=0.875, num_excluded=0))
   p, a = res["summary"]["perfect"], res["summary"]["always"]
   assert p["accuracy"] == 1.0 and p["auroc"] == 1.0 and p["tp"] == 8 and p["fp"] == 0
   assert a["fp"] == 4 and a["accuracy"] == 8 / 12 and a["auroc"] == 0.5 and a["mean_seconds"] == 4.0
   assert p["mean_inverted_asr"] == 0.5 and asr_calls == [4] * 16
   md = (z / "results.md").read_text()
   assert "| perfect | 12 | 1 | 1 | 8 | 0 | 4 | 0 |" in md and "box14-hat-p0.2" in md
+  assert {r["true_mscr"] for r in res["rows"] if r["kind"] == "backdoor"} == {0.875}
   # cached: a second evaluation calls nothing
   res2 = zoo.evaluate(str(z), ["perfect"], get_config(), asr_samples=4, detector_fns=dict(perfect=None),
                       asr_fn=None, load_fn=None)

@@ -206,6 +206,15 @@ def test_bbti_inverts_the_toy_backdoor():
   assert res.trigger.shape == (S, S, 1) and res.history["updated"][0]
 
 
+def test_trigger_mscr_of_a_given_trigger():
+  import types
+  model = types.SimpleNamespace(apply=ToyEps(), params=toy_params(3.0), image_shape=(S, S, 1), scheduler_config=SCHED)
+  box = np.asarray(toy_params(3.0)["region"]) * 4.0
+  hit = inv.trigger_mscr(model, box, dict(sampler="ddim", num_steps=10))
+  assert hit["mscr"] == 1.0 and hit["images01"].shape == (16, S, S, 1)
+  assert inv.trigger_mscr(model, np.zeros((S, S, 1)), dict(sampler="ddim", num_steps=10))["mscr"] == 0.0
+
+
 def test_vmapped_restarts_equal_one_by_one():
   params = toy_params(3.0)
   s = toy_settings(restarts=3, max_epochs=8)

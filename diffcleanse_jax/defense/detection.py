@@ -14,6 +14,11 @@ already classifies every calibration model as clean; the floor keeps tau from dr
 majority rule when the clean models all score 0 (an MSCR of 1/B or 2/B is then still "clean"). Use margin > 0
 (e.g. 1/B) for headroom against unseen clean models, a quantile < 1 to tolerate outliers.
 
+Known blind spot (by the reference's design): outputs whose whole-image mean is <= 0.01 or >= 0.99 take part
+in no pair, so a backdoor that collapses to a (near-)black or white image scores MSCR 0 even with the true
+trigger. `details['max_excluded_fraction']` (largest fraction of excluded outputs over the epochs) is reported
+as a diagnostic; it is not part of the decision.
+
 A detector is `fn(model: DiffusionModel, cfg, key) -> DetectionResult`; `cfg` is either a full experiment config
 (its `inversion` and `detection` sections are used) or a flat mapping of those fields.
 """

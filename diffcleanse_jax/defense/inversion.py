@@ -457,8 +457,16 @@ class InversionResult:
                 seconds=float(self.seconds), restart=int(self.restart),
                 restart_best_mscr=[float(x) for x in self.restart_best_mscr],
                 mscr_per_epoch=[float(x) for x in self.mscr_per_epoch], history=self.history,
+                max_excluded_fraction=_max_excluded(self.history, self.settings),
                 trigger_mean=float(np.mean(self.trigger)), trigger_min=float(np.min(self.trigger)),
                 trigger_max=float(np.max(self.trigger)), settings=self.settings)
+
+
+def _max_excluded(history: Mapping[str, list], settings: Mapping[str, Any]) -> float | None:
+  """Largest fraction of near-black/white (excluded) outputs over the epochs: a collapse that MSCR ignores."""
+  n = history.get("num_excluded") or []
+  b = settings.get("batch_size") or 0
+  return float(max(n)) / b if n and b else None
 
 
 def initial_patterns(key: jax.Array, restarts: int, image_shape: Sequence[int]) -> jax.Array:
@@ -552,6 +560,27 @@ def invert_trigger(model, cfg: Any = None, key: jax.Array | None = None, **overr
   s = InversionSettings.from_config(cfg, **overrides)
   return run_inversion(model.apply, model.params, model.image_shape, model.scheduler_config, s, key,
                        name=str(getattr(model, "source", None) or "model"))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("eps_fn", "schedule_key", "scfg", "s"))
+def _sets_jit(eps_fn, schedule_key, scfg, s, params, noise, skey, g):
+  schedule = Schedule(np.asarray(schedule_key, np.float64))
+  x0 = samplers.sample_loop(eps_fn, params, noise + g[None], skey, schedule, scfg)
+  images = samplers.to_images01(x0)
+  return target_sets(images, s.sim_threshold, s.black_threshold, s.white_threshold), images
+
+
+def trigger_mscr(model, trigger, cfg: Any = None, key: jax.Array | None = None, **overrides) -> dict[str, Any]:
+  """The MSCR statistic of a *given* trigger (H,W,C) (e.g. the true one, as an upper reference): the inversion's
+  fixed noise batch + trigger through its short sampler, then |T|/B. Returns mscr, count, num_excluded, images01."""
+  s = InversionSettings.from_config(cfg, **overrides)
+  key = jax.random.key(s.seed) if key is None else key
+  noise, skey = fixed_noise(key, s.batch_size, model.image_shape)
+  sets, images = _sets_jit(model.apply, _schedule_key(model.scheduler_config),
+                           s.sampler_config(model.scheduler_config), _step_settings(s), model.params, noise, skey,
+                           jnp.asarray(trigger, jnp.float32))
+  return dict(mscr=float(sets.count) / s.batch_size, count=int(sets.count), num_excluded=int(jnp.sum(sets.excluded)),
+              images01=np.asarray(images))
 
 
 def stack_params(params_list: Sequence[Any]) -> Any:
