@@ -123,3 +123,28 @@ def test_cli_resolves_true_trigger_and_target_from_attack_json(tmp_path):
   g3, y3, src3 = cleanse_cli.resolve_trigger_target(str(wd / "model"), (16, 16, 1), trigger="BOX_8")
   assert src3 == "flags" and y3 is None and not np.array_equal(g3, TRIGGER)
   assert cleanse_cli.resolve_trigger_target(str(tmp_path / "elsewhere"), (16, 16, 1))[:2] == (None, None)
+
+
+@pytest.mark.parametrize("method", ["prune", "finetune", "elijah", "anp"])
+def test_other_methods_run_and_write_a_loadable_model(tmp_path, stub, method):
+  c = _config(method=method, evaluate=False, anp_steps=2, anp_batch_size=4)
+  rep = cl.cleanse(_model(), c, str(tmp_path), jax.random.key(0), true_target=np.zeros((16, 16, 1), np.float32))
+  m = load_pretrained(str(tmp_path / "cleansed"))
+  assert rep["cleansed"] is True and m.num_params == rep["params_after"]
+  if method == "prune":
+    assert rep["params_after"] < rep["params_before"] and "finetune" not in rep
+  else:
+    assert rep["params_after"] == rep["params_before"]
+  if method == "anp":
+    assert {"collapse", "mse_to_target", "max_perturbation"} <= set(rep["anp"])
+  if method in ("finetune", "elijah"):
+    assert rep["finetune"]["num_steps"] == 4
+
+
+def test_stage_two_modules_do_not_import_the_attacks_package():
+  import subprocess
+  import sys
+  code = ("import sys; import diffcleanse_jax.defense.cleanse, diffcleanse_jax.defense.pruning, "
+          "diffcleanse_jax.defense.finetune, diffcleanse_jax.defense.anp; "
+          "bad = [m for m in sys.modules if m.startswith('diffcleanse_jax.attacks')]; assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

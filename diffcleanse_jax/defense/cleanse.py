@@ -570,6 +570,7 @@ def write_report_md(path: str, report: Mapping[str, Any], image_dir: str) -> str
           ("MSE to true target (true trigger)", report.get("mse_before"), report.get("mse_after"), False),
           ("SSIM to true target (true trigger)", report.get("ssim_before"), report.get("ssim_after"), False),
           ("collapse, inverted trigger", b.get("inverted_collapse"), a.get("inverted_collapse"), True),
+          ("collapse, true trigger", b.get("true_collapse"), a.get("true_collapse"), True),
           ("collapse, clean noise", b.get("clean_collapse"), a.get("clean_collapse"), True),
           ("FD (classifier features, clean samples)", report.get("fd_before"), report.get("fd_after"), False),
           ("parameters", report.get("params_before"), report.get("params_after"), False),

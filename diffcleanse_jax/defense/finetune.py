@@ -3,7 +3,8 @@
     L = w_ddpm * mean_b sum_pix (eps - eps_theta'(x_t, t))^2  +  w_kd * mean_b sum_pix (eps_theta0(x_t, t) - eps_theta'(x_t, t))^2
 
 theta' = the pruned (student) model, theta0 = the original (backdoored) model, frozen; x_t from *clean* images;
-antithetic timesteps t_1..t_ceil(B/2) ~ U{0..T-1} concatenated with T-1-t and truncated to B. Optimiser, cosine
+antithetic timesteps t_1..t_ceil(B/2) ~ U{0..T-1} concatenated with T-1-t and truncated to B (the reference draws
+floor(B/2)+1, which for even B leaves two draws unpaired after truncation; ceil pairs them all). Optimiser, cosine
 schedule, gradient clipping, EMA (decay_k = min((1+k)/(10+k), 0.999)), sharding and resumption come from
 `diffcleanse_jax.train.run_training`.
 
