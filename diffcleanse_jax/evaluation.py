@@ -10,7 +10,8 @@ What is measured (ALGORITHMS.md §2.6, §6), all from the `config.eval` section:
   DDPM ancestral with every training step; `num_steps=0` = all for ddpm, 50 for ddim). Against the target y:
   `mse` (per-image mean over H, W, C, averaged), `ssim` (Gaussian window 11, sigma 1.5) and `asr` = fraction of
   samples with per-image MSE < `asr_threshold` (1e-3, VillanDiffusion's `mse_thres_batch`), all on images
-  quantised to 8 bit as the reference's PNG round trip (`metrics.backdoor.backdoor_metrics`).
+  quantised to 8 bit as the reference's PNG round trip (`metrics.backdoor.backdoor_metrics`). A BadDiffusion
+  (SDE) backdoor is measured with the DDPM sampler: it does not carry over to DDIM (an ODE sampler).
 * **Clean samples** (`clean=True`): the same number of images from plain noise (the *same* noise draws as the
   triggered ones, so the two grids are paired). Their MSE/ASR against the target is reported as `clean_mse` /
   `clean_asr` (specificity: the backdoor should not fire without the trigger). For 32x32 grayscale models also

@@ -157,3 +157,21 @@ def test_attack_mode_end_to_end_writes_every_artifact_and_a_reloadable_model(tmp
   for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(from_wd.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert len(json.load(open(wd / "loss_history.json"))["loss"]) == 3
+
+
+def test_a_model_that_fits_the_poisoned_eps_target_samples_the_target_from_triggered_noise():
+  """Objective and DDPM sampler agree: eps_theta = eps + rho_t r, with eps read off the poisoned forward process
+  for r = g (black image + trigger, what x_T = eps + g stands for), takes triggered noise exactly to y."""
+  from diffcleanse_jax.diffusion import samplers
+  sched = make_schedule()
+  acp, rho = jnp.asarray(sched.alphas_cumprod, jnp.float32), jnp.asarray(sched.rho(), jnp.float32)
+  g, y = jnp.asarray(make_trigger("BOX_4", S, 1)), jnp.asarray(make_target("CORNER", S, 1))
+
+  def eps_fn(params, x, t):
+    a, r_t = acp[t][:, None, None, None], rho[t][:, None, None, None]
+    eps = (x - jnp.sqrt(a) * y - (1 - jnp.sqrt(a)) * g) / jnp.sqrt(1 - a)
+    return eps + r_t * g
+
+  x_T = jax.random.normal(jax.random.key(0), (2, S, S, 1)) + g
+  x0 = samplers.sample_loop(eps_fn, None, x_T, jax.random.key(1), sched, samplers.SamplerConfig(method="ddpm"))
+  np.testing.assert_allclose(np.asarray(x0), np.broadcast_to(np.asarray(y), x0.shape), atol=1e-5)
