@@ -14,6 +14,14 @@ White-box gradient through DDPM-20 on this 0.69M-parameter UNet (B = 16, 2 share
 call = compile + one epoch, then seconds per epoch): unrolled, no remat 112 s / 4.1 s; unrolled + jax.checkpoint
 160 s / 6.5 s; lax.scan + checkpoint 44 s / 23 s; lax.scan 44 s / 24 s. BBTI (forward scan) 10 s / 1.3 s.
 Activations of 20 unrolled steps are small at this size, so remat is off here (keep it on for big UNets).
+
+Fashion-MNIST deviations from the reference defaults (chosen on one pilot pair: clean runs/fm1 and a weak
+BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives black images under DDPM-20):
+* init_mean = 0.5 (p_0 ~ N(0.5, 1), so g_0 = 1 - 2 p_0 is centred on 0): the reference's g_0 ~ N(1, 4) drives every
+  output of these models to black at epoch 0 (all excluded, L_s = 0, the run stops with MSCR 0);
+* num_steps = 100 (DDPM-100): the backdoor needs a longer chain to fire (true-trigger MSCR 0 / 0.31 / 0.5 at
+  DDPM-20 / 100 / 1000). Measured: backdoored pilot MSCR 0.4375 (DDPM-20) and 0.75 (DDPM-100, flagged), clean
+  fm1 0 with both. White-box compile time grows with the unrolled chain: use --config.inversion.num_steps=20.
 """
 from configs.common import base_config
 
@@ -22,4 +30,6 @@ def get_config():
   c = base_config("fmnist-cpu")
   c.inversion.log_every = 5
   c.inversion.whitebox_remat = False
+  c.inversion.init_mean = 0.5
+  c.inversion.num_steps = 100
   return c

@@ -80,6 +80,8 @@ class InversionSettings:
   white_threshold: float = 0.99     # whole-image mean >= this: excluded
   faithful_code_bug: bool = False   # reproduce §4.2's constant -2 gradient drift
   restarts: int = 1                 # R: p_0 draws optimised together (vmap); the best is reported
+  init_mean: float = 0.0            # p_0 ~ N(init_mean, init_std^2): the code's N(0,1) gives g_0 ~ N(1, 4);
+  init_std: float = 1.0             # init_mean 0.5 centres g_0 on 0 (an option, not the reference)
   seed: int = 0                     # PRNG seed when no key is given
   stop_on_zero_similarity_loss: bool = True  # the code also stops when L_s == 0
   whitebox_unroll: bool = True      # whitebox: python-unrolled sampler (else lax.scan)
@@ -469,11 +471,12 @@ def _max_excluded(history: Mapping[str, list], settings: Mapping[str, Any]) -> f
   return float(max(n)) / b if n and b else None
 
 
-def initial_patterns(key: jax.Array, restarts: int, image_shape: Sequence[int]) -> jax.Array:
-  """p_0 for each restart: N(0,1) (R,H,W,C); restart r uses fold_in(k_init, r), so restarts are reproducible
-  one by one."""
+def initial_patterns(key: jax.Array, restarts: int, image_shape: Sequence[int], mean: float = 0.0,
+                     std: float = 1.0) -> jax.Array:
+  """p_0 for each restart: N(mean, std^2) (R,H,W,C), N(0,1) by default; restart r uses fold_in(k_init, r), so
+  restarts are reproducible one by one."""
   k_init = jax.random.fold_in(key, 2)
-  return jnp.stack([jax.random.normal(jax.random.fold_in(k_init, r), tuple(image_shape), jnp.float32)
+  return jnp.stack([mean + std * jax.random.normal(jax.random.fold_in(k_init, r), tuple(image_shape), jnp.float32)
                     for r in range(restarts)])
 
 
@@ -497,7 +500,8 @@ def run_inversion(eps_fn, params, image_shape: Sequence[int], scheduler_config: 
   key = jax.random.key(s.seed) if key is None else key
   image_shape = tuple(int(d) for d in image_shape)
   noise, skey = fixed_noise(key, s.batch_size, image_shape)
-  p0 = initial_patterns(key, s.restarts, image_shape) if p0 is None else jnp.asarray(p0, jnp.float32)
+  p0 = (initial_patterns(key, s.restarts, image_shape, s.init_mean, s.init_std) if p0 is None
+        else jnp.asarray(p0, jnp.float32))
   if p0.ndim != 4 or tuple(p0.shape[1:]) != image_shape:
     raise InversionError(f"p0 must be (R, {image_shape}), got {tuple(p0.shape)}")
   n_models = jax.tree.leaves(params)[0].shape[0] if many_models else 1
