@@ -32,6 +32,8 @@ architecture (`invert_many`, params stacked on a leading axis).
 Documented deviations from the reference code: cosine and norms use a 1e-12 floor (the code divides 0/0 for an
 all-zero image); the *best trigger* is the pattern g that produced the largest |T| (the code stores the
 parameter after that epoch's update); when no epoch ever had |T| > 0 the trigger is the last evaluated g.
+Options beyond the reference (defaults off): `init_mean`/`init_std` for p_0 (the reference's N(0,1) gives
+g_0 ~ N(1, 4), which sends every output of the Fashion-MNIST models to black at epoch 0), `restarts`.
 """
 from __future__ import annotations
 
