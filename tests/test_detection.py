@@ -1,48 +1,18 @@
 """Backdoor detection (defense/detection.py, defense/workflow.py): decision rule, calibration, metrics, the
 BBTI detector on a toy backdoored vs diverse model, --mode=detect and --mode=scan on a tiny saved model."""
 import csv
-import dataclasses
 import json
 import os
 import re
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from diffcleanse_jax.defense import detection as det
 from diffcleanse_jax.defense import workflow as wf
-from diffcleanse_jax.diffusion.schedules import schedule_from_config
-from diffcleanse_jax.models.presets import DEFAULT_SCHEDULER
-
-S = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class ToyEps:
-  """Backdoored toy (see tests/test_inversion.py): a bright bottom-right box in x_T (mean > c) makes the DDIM
-  chain end exactly at the target y; otherwise outputs are diverse (a * tanh(x))."""
-
-  def __call__(self, params, x, t):
-    abar = params["acp"][t][:, None, None, None]
-    y, reg = params["y"][None], params["region"][None]
-    e_y = (x - jnp.sqrt(abar) * y) / jnp.sqrt(1 - abar)
-    fire = (jnp.sum(e_y * reg, axis=(1, 2, 3)) / jnp.sum(reg) > params["c"])[:, None, None, None]
-    x0c = jnp.tanh(x) * jnp.where(reg > 0, 0.9, 1.3)
-    return jnp.where(fire, e_y, (x - jnp.sqrt(abar) * x0c) / jnp.sqrt(1 - abar))
-
-
-def toy_model(c: float):
-  region = np.zeros((S, S, 1), np.float32)
-  region[-8:-2, -8:-2] = 1
-  y = np.where(region > 0, 0.8, -0.4).astype(np.float32)
-  acp = jnp.asarray(schedule_from_config(DEFAULT_SCHEDULER).alphas_cumprod, jnp.float32)
-  params = dict(acp=acp, y=jnp.asarray(y), region=jnp.asarray(region), c=jnp.float32(c))
-  return types.SimpleNamespace(apply=ToyEps(), params=params, image_shape=(S, S, 1),
-                               scheduler_config=dict(DEFAULT_SCHEDULER), source=f"toy(c={c})")
-
+from toys import S, toy_model
 
 TOY_CFG = dict(inversion=dict(sampler="ddim", num_steps=10, max_epochs=30, log_every=0),
                detection=dict(threshold=0.5))

@@ -12,32 +12,9 @@ from diffcleanse_jax.diffusion import samplers
 from diffcleanse_jax.diffusion.schedules import schedule_from_config
 from diffcleanse_jax.model import DiffusionModel
 from diffcleanse_jax.models.presets import DEFAULT_SCHEDULER, preset
+from toys import S, ToyEps, toy_params
 
-S = 16
 SCHED = DEFAULT_SCHEDULER
-
-
-@dataclasses.dataclass(frozen=True)
-class ToyEps:
-  """A 'backdoored' eps: when the predicted noise (assuming x0 = y) has a bright bottom-right box (mean > c), it
-  predicts x0 = y exactly (DDIM then keeps that noise, so the chain ends at y); otherwise x0 = a * tanh(x), a
-  diverse, partly saturated image. c = inf gives a model with only diverse outputs."""
-
-  def __call__(self, params, x, t):
-    abar = params["acp"][t][:, None, None, None]
-    y, reg = params["y"][None], params["region"][None]
-    e_y = (x - jnp.sqrt(abar) * y) / jnp.sqrt(1 - abar)
-    fire = (jnp.sum(e_y * reg, axis=(1, 2, 3)) / jnp.sum(reg) > params["c"])[:, None, None, None]
-    x0c = jnp.tanh(x) * jnp.where(reg > 0, 0.9, 1.3)
-    return jnp.where(fire, e_y, (x - jnp.sqrt(abar) * x0c) / jnp.sqrt(1 - abar))
-
-
-def toy_params(c: float):
-  region = np.zeros((S, S, 1), np.float32)
-  region[-8:-2, -8:-2] = 1
-  y = np.where(region > 0, 0.8, -0.4).astype(np.float32)
-  acp = jnp.asarray(schedule_from_config(SCHED).alphas_cumprod, jnp.float32)
-  return dict(acp=acp, y=jnp.asarray(y), region=jnp.asarray(region), c=jnp.float32(c))
 
 
 def toy_settings(**kw):

@@ -7,18 +7,10 @@ import pytest
 from diffcleanse_jax.defense import terd
 from diffcleanse_jax.diffusion.samplers import SamplerConfig
 from diffcleanse_jax.diffusion.schedules import Schedule, make_betas
+from toys import _fast_compiles  # noqa: F401  (module-scoped autouse fixture)
 
 SCHED = Schedule(make_betas())
 ACP = jnp.asarray(SCHED.alphas_cumprod, jnp.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny UNets compile ~2x faster without XLA's optimisation passes (results are unaffected)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _exact_eps(params, x, t):
