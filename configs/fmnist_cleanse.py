@@ -1,25 +1,28 @@
-"""Diff-Cleanse of a backdoored Fashion-MNIST CPU-preset model, data-free, on a 2-core CPU (well under 15 minutes).
+"""Diff-Cleanse of a backdoored Fashion-MNIST CPU-preset model, data-free, on a 2-core CPU (under 15 minutes).
+The README's main job (scripts/demo.sh) runs it on the shipped demo model:
 
-  python launch.py --config=configs/fmnist_cleanse.py --mode=cleanse --model=runs/attack/model --workdir=runs/cleanse
+  python launch.py --config=configs/fmnist_cleanse.py --mode=cleanse --model=examples/fmnist_box14_hat \
+      --workdir=runs/demo
 
-detect (BBTI, DDPM-20, 16 samples, <= 30 epochs) -> score (Taylor, t = 901, 903, ..., 999: every 2nd step of
-[900, 999], on 16 self-generated images) -> prune (ratio 0.02: only the GroupNorm-free groups shrink, 13
-channels, 686,769 -> 682,855 parameters) -> dual-loss fine-tune (200 steps x 32 on 256 DDIM-25 samples of the
-original model) -> before/after evaluation (DDPM-50, 32 samples per set; FD in classifier space, few samples).
-The true trigger/target are picked up from runs/attack/attack.json if present (evaluation only).
-Measured with --config.cleanse.force=True: 608 s end to end on the shared 2-core development machine (load ~5):
-detect 45, eval before 54, data 60, score 80, prune 2, fine-tune 317, eval after 50.
+detect (BBTI with configs/fmnist_detect.py's settings: B = 16, DDPM-100, p_0 ~ N(0.5, 1), <= 30 epochs) ->
+score (Taylor, t = 901, 903, ..., 999: every 2nd step of [900, 999], on 16 self-generated images) -> prune
+(ratio 0.02: only the GroupNorm-free groups shrink, 13 channels, 686,769 -> 682,855 parameters) -> dual-loss
+fine-tune (200 steps x 32 on 256 DDIM-25 samples of the original model) -> before/after evaluation with the
+sampler the BadDiffusion (SDE) backdoor was trained for: DDPM with all 1000 steps (a short DDPM/DDIM chain does not
+carry the backdoor, docs/RESULTS.md), 16 triggered samples, 32 clean samples for the FD (classifier features; few
+samples, so compare before/after only). The true trigger/target are picked up from the model folder's attack.json
+if present (evaluation only; the defence itself never sees them). Timings: docs/RESULTS.md.
 
 Ablations: --config.cleanse.method=finetune|prune|elijah|clip|anp, --config.prune.score_mode=bd_minus_clean,
 --config.prune.use_true_trigger=True, --config.finetune.w_kd=0 (DDPM loss only), --config.cleanse.force=True.
 """
-from configs.common import base_config
+from configs import fmnist_detect
 
 
 def get_config():
-  c = base_config("fmnist-cpu")
+  c = fmnist_detect.get_config()
 
-  # Stage 1: BBTI with the defaults (B = 16, DDPM-20), fewer epochs: a backdoored model collapses within a few.
+  # Stage 1: BBTI as configs/fmnist_detect.py, fewer epochs: a backdoored model collapses within a few.
   c.inversion.max_epochs = 30
 
   # Taylor importance over every 2nd timestep of [900, 999] on one batch of 16 generated images.
@@ -43,11 +46,11 @@ def get_config():
   c.finetune.checkpoint_every = 100
   c.finetune.log_every = 25
 
-  # Before/after evaluation: DDPM ancestral (the sampler BadDiffusion backdoors respond to), 50 steps.
-  c.eval.num_samples = 32
+  # Before/after evaluation: DDPM ancestral with all 1000 steps (the sampler the backdoor was trained for).
+  c.eval.num_samples = 16
   c.eval.method = "ddpm"
-  c.eval.num_steps = 50
-  c.eval.batch_size = 32
-  c.eval.fd_num_samples = 0
+  c.eval.num_steps = 0
+  c.eval.batch_size = 16
+  c.eval.fd_num_samples = 32
 
   return c
