@@ -154,7 +154,9 @@ def test_zoo_build_logic_with_mocked_training(tmp_path):
   assert len(clean) >= 4 and len({e.seed for e in clean}) == len(clean) and len(bd) >= 8
   assert {"BOX_14", "SM_BOX", "STOP_SIGN_14", zoo.USER_TRIGGER} <= {e.trigger for e in bd}
   assert len({e.target for e in bd}) >= 4 and ({"SHOE", "CAT"} & {e.target for e in bd})
-  assert {e.poison_rate for e in bd} == {0.05, 0.2}
+  assert {0.05, 0.2} <= {e.poison_rate for e in bd}
+  assert all(e.steps == zoo.CLEAN_STEPS for e in clean)
+  assert {e.steps for e in bd if e.poison_rate == 0.2} == {6000}
 
   calls, failed = [], []
 
@@ -172,22 +174,51 @@ def test_zoo_build_logic_with_mocked_training(tmp_path):
 
   z = str(tmp_path / "zoo")
   st = zoo.build(z, preset="tiny", steps=2, train_fn=fake_train, attack_fn=fake_attack)
-  assert st["box14-shoe-p0.05"].startswith("failed") and st["clean-s1"] == "done" and st["stop14-hat-p0.05"] == "done"
+  assert st["box14-shoe-p0.05"].startswith("failed") and st["clean-s1"] == "done" and st["stop14-hat-p0.2"] == "done"
   assert calls[0][:2] == ("train", "base")  # no --base: the zoo trains its own base first
   trains = [c for c in calls if c[0] == "train" and c[1] != "base"]
   assert all(c[3] == os.path.join(z, "base") and c[4] for c in trains) and len(trains) == 4
   attacks = {c[1]: c for c in calls if c[0] == "attack"}
-  user = attacks["user-cat-p0.2"][2]
+  user = attacks["user-shoe-p0.2"][2]
   assert user.endswith(".png") and os.path.isfile(user)
   g = make_trigger(user, 16, 1)
   assert g.shape == (16, 16, 1) and g.min() == -1.0 and g.max() == 1.0 and (g > 0).sum() >= 8
-  assert attacks["box14-hat-p0.2"][2:] == ("BOX_14", "HAT", 0.2)
+  assert attacks["smbox-cat-p0.2"][2:] == ("SM_BOX", "CAT", 0.2)
   # second run: only the failed entry is redone, the base is not retrained
   calls.clear()
   st2 = zoo.build(z, preset="tiny", steps=2, train_fn=fake_train, attack_fn=fake_attack)
   assert [c[1] for c in calls] == ["box14-shoe-p0.05"] and st2["box14-shoe-p0.05"] == "done"
   assert st2["clean-s1"] == "skipped"
   assert all(r["status"] == "done" for r in zoo.list_zoo(z))
+
+
+def test_zoo_entry_steps_and_adopting_a_finished_run(tmp_path):
+  zoo = _zoo()
+  e = {x.name: x for x in zoo.zoo_entries()}
+  base = str(tmp_path / "base")
+  c = zoo.entry_config(e["smbox-cat-p0.2"], "fmnist", base, str(tmp_path))
+  assert c.train.num_steps == 6000 and c.attack.poison_rate == 0.2 and c.seed == 1
+  assert zoo.entry_config(e["clean-s2"], "fmnist", base, str(tmp_path)).train.num_steps == zoo.CLEAN_STEPS
+  c01 = zoo.entry_config(e["box14-hat-p0.1"], "fmnist", base, str(tmp_path))
+  assert c01.train.num_steps == 12000 and c01.seed == 0  # the issue-3 recipe (benchmarks/baddiffusion_fmnist.sh)
+  # a finished run of that recipe is adopted (copied without checkpoints); a different one is refused by field
+  src = tmp_path / "attack_box_hat"
+  (src / "model").mkdir(parents=True)
+  (src / "model" / "config.json").write_text("{}")
+  (src / "checkpoints").mkdir()
+  (src / "attack.json").write_text(json.dumps(dict(status="done")))
+  (src / "config.json").write_text(json.dumps(c01.to_dict()))
+  z = str(tmp_path / "zoo")
+  dst = zoo.adopt(z, "box14-hat-p0.1", str(src))
+  assert zoo.is_done(z, "box14-hat-p0.1") and not os.path.exists(os.path.join(dst, "checkpoints"))
+  assert json.load(open(os.path.join(dst, zoo.ZOO_MARKER)))["adopted_from"] == str(src)
+  bad = c01.to_dict()
+  bad["attack"]["poison_rate"] = 0.2
+  (src / "config.json").write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match="attack.poison_rate = 0.2"):
+    zoo.adopt(str(tmp_path / "zoo2"), "box14-hat-p0.1", str(src))
+  with pytest.raises(ValueError, match="unknown zoo entry"):
+    zoo.adopt(z, "nope", str(src))
 
 
 def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
@@ -224,7 +255,7 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   assert a["fp"] == 4 and a["accuracy"] == 8 / 12 and a["auroc"] == 0.5 and a["mean_seconds"] == 4.0
   assert p["mean_inverted_asr"] == 0.5 and asr_calls == [4] * 16
   md = (z / "results.md").read_text()
-  assert "| perfect | 12 | 1 | 1 | 8 | 0 | 4 | 0 |" in md and "box14-hat-p0.2" in md
+  assert "| perfect | 12 | 1 | 1 | 8 | 0 | 4 | 0 |" in md and "smbox-cat-p0.2" in md
   assert {r["true_mscr"] for r in res["rows"] if r["kind"] == "backdoor"} == {0.875}
   # cached: a second evaluation calls nothing
   res2 = zoo.evaluate(str(z), ["perfect"], get_config(), asr_samples=4, detector_fns=dict(perfect=None),
