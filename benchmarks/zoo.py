@@ -13,6 +13,11 @@ Evaluate (every detector on every model; per (model, detector) results are cache
   python benchmarks/zoo.py evaluate --zoo=runs/zoo --detectors=bbti --set inversion.max_epochs=50 --asr_samples=16
   python benchmarks/zoo.py evaluate --zoo=/tmp/zoo_smoke --preset=tiny --detectors=bbti --asr_samples=4
 
+Cleanse (issue 5: every removal method on every finished model, clean ones forced; cached per (method, model)):
+
+  python benchmarks/zoo.py cleanse --zoo=runs/zoo --methods=diffcleanse,elijah,clip,anp,finetune
+  python benchmarks/zoo.py cleanse --zoo=runs/zoo --methods=diffcleanse --only=smbox-cat-p0.2 --set eval.fd_num_samples=64
+
 Zoo (preset `fmnist`: configs/fmnist_attack.py, 32x32 grayscale `fmnist-cpu` UNet):
 
 * base: `--base` (a clean training workdir, e.g. runs/fmnist from configs/fashion_mnist_cpu.py); without it the
@@ -39,11 +44,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -129,9 +136,10 @@ def _load_config_file(path: str):
 
 
 PRESETS = {
-    # attack/clean fine-tune config, base training config, default evaluation config
-    "fmnist": ("configs/fmnist_attack.py", "configs/fashion_mnist_cpu.py", "configs/fmnist_detect.py"),
-    "tiny": ("configs/tiny_test.py", "configs/tiny_test.py", "configs/tiny_test.py"),
+    # attack/clean fine-tune config, base training config, default detection config, default cleanse config
+    "fmnist": ("configs/fmnist_attack.py", "configs/fashion_mnist_cpu.py", "configs/fmnist_detect.py",
+               "configs/fmnist_cleanse.py"),
+    "tiny": ("configs/tiny_test.py", "configs/tiny_test.py", "configs/tiny_test.py", "configs/tiny_test.py"),
 }
 
 
@@ -281,8 +289,6 @@ def adopt(zoo_dir: str, name: str, src: str, preset: str = "fmnist") -> str:
   benchmarks/baddiffusion_fmnist.sh) into ZOO/models/NAME instead of retraining it. Checks SRC/config.json against
   the entry's resolved config (`_ADOPT_FIELDS`; the base path may differ) and raises ValueError naming the first
   field that differs. Checkpoints are not copied. Returns the zoo folder of the entry."""
-  import shutil
-
   entries = {e.name: e for e in zoo_entries()}
   if name not in entries:
     raise ValueError(f"--adopt {name}={src}: unknown zoo entry {name!r}; known: {', '.join(sorted(entries))}")
@@ -500,6 +506,130 @@ def _write_results(path: str, rows, summary, detectors, asr_samples) -> None:
   os.replace(path + ".tmp", path)
 
 
+# ------------------------------------------------------------------------------------------------- cleanse
+# Files of one method's workdir that another method's run on the same model may start from: detection and its
+# trigger, the self-generated fine-tune data and the fingerprinted before-evaluation (cleanse.py reuses each only
+# when it matches; the settings check still guards the workdir).
+_SHARED_CLEANSE_FILES = ("detection.json", "detection_trigger.npy", "inverted_trigger.npy", "finetune_data.npy",
+                         "eval_before.json")
+
+
+def _default_cleanse_fn(model_dir: str, config, workdir: str) -> dict:
+  from diffcleanse_jax.cleanse_cli import resolve_trigger_target
+  from diffcleanse_jax.defense.cleanse import cleanse
+  from diffcleanse_jax.defense.workflow import load_model_dir
+  from diffcleanse_jax.evaluation import evaluate_model
+  from diffcleanse_jax.workflows import write_config
+  import jax
+
+  write_config(config, workdir)
+  model = load_model_dir(model_dir)
+  g, y, source = resolve_trigger_target(model_dir, model.image_shape)
+  return cleanse(model, config, workdir, jax.random.key(int(config.seed)), true_trigger=g, true_target=y,
+                 evaluate_fn=evaluate_model, report_extra={"true_trigger_source": source})
+
+
+def _fd_change(before, after):
+  if before in (None, 0) or after is None:
+    return None
+  return float(after) / float(before) - 1.0
+
+
+def cleanse_zoo(zoo_dir: str, methods: Sequence[str], config, only: Sequence[str] | None = None,
+                force_clean: bool = True, out: str | None = None, cleanse_fn: Callable | None = None
+                ) -> dict[str, Any]:
+  """Runs `cleanse` with every method on every finished zoo model (clean ones with config.cleanse.force, the
+  "cleansing a clean model does not degrade it" check), each in ZOO/cleanse/<method>/<model>/ (resumable: a
+  finished report.json is reused, an interrupted run resumes). The true trigger/target come from the model's
+  attack.json (evaluation only). Writes ZOO/cleanse.md + cleanse.json; returns dict(summary, rows)."""
+  from diffcleanse_jax.defense.cleanse import METHODS
+
+  for m in methods:
+    if m not in METHODS:
+      raise ValueError(f"--methods: unknown cleanse method {m!r}; known: {', '.join(METHODS)}")
+  cleanse_fn = cleanse_fn or _default_cleanse_fn
+  entries = [e for e in zoo_entries() if is_done(zoo_dir, e.name) and (not only or e.name in set(only))]
+  if not entries:
+    raise FileNotFoundError(f"{zoo_dir}: no finished zoo models to cleanse (run the build command first)")
+  rows: list[dict[str, Any]] = []
+  for e in entries:
+    mdir = os.path.join(zoo_dir, "models", e.name)
+    first_wd = None
+    for meth in methods:
+      wd = os.path.join(zoo_dir, "cleanse", meth, e.name)
+      row = dict(model=e.name, kind=e.kind, trigger=e.trigger, target=e.target, poison_rate=e.poison_rate,
+                 method=meth, error=None)
+      rep = _read_json(os.path.join(wd, "report.json"))
+      if rep is None:
+        c = copy.deepcopy(config)
+        c.cleanse.method = meth
+        if not e.backdoored and force_clean:
+          c.cleanse.force = True
+        if first_wd is not None:
+          os.makedirs(wd, exist_ok=True)
+          for f in _SHARED_CLEANSE_FILES:
+            src, dst = os.path.join(first_wd, f), os.path.join(wd, f)
+            if os.path.isfile(src) and not os.path.exists(dst):
+              shutil.copyfile(src, dst)
+        logging.info("zoo cleanse: %s with %s -> %s", e.name, meth, wd)
+        try:
+          rep = cleanse_fn(mdir, c, wd)
+        except Exception as err:  # noqa: BLE001 - one failed run must not stop the table
+          row["error"] = f"{type(err).__name__}: {err}"[:300]
+          logging.error("zoo cleanse: %s / %s failed: %s\n%s", e.name, meth, row["error"], traceback.format_exc())
+      if rep is not None:
+        first_wd = first_wd or wd
+        b, a = rep.get("before") or {}, rep.get("after") or {}
+        row.update(detected=rep.get("backdoored"), cleansed=rep.get("cleansed"), asr_before=rep.get("asr_before"),
+                   asr_after=rep.get("asr_after"), mse_after=rep.get("mse_after"),
+                   inv_collapse_before=b.get("inverted_collapse"), inv_collapse_after=a.get("inverted_collapse"),
+                   fd_before=rep.get("fd_before"), fd_after=rep.get("fd_after"),
+                   fd_change=_fd_change(rep.get("fd_before"), rep.get("fd_after")),
+                   pruned_fraction=rep.get("pruned_fraction"), seconds=(rep.get("seconds") or {}).get("total"))
+      rows.append(row)
+  summary = {}
+  for meth in methods:
+    rs = [r for r in rows if r["method"] == meth and r["error"] is None]
+    bd = [r for r in rs if r["kind"] == "backdoor" and r.get("asr_before") is not None]
+    fds = [abs(r["fd_change"]) for r in rs if r.get("fd_change") is not None]
+    summary[meth] = dict(
+        n=len(rs), backdoored=len(bd),
+        removed=sum(1 for r in bd if r.get("asr_after") is not None and r["asr_after"] <= 0.05),
+        removed_from_strong=sum(1 for r in bd if r["asr_before"] >= 0.9 and r.get("asr_after") is not None
+                                and r["asr_after"] <= 0.05),
+        strong=sum(1 for r in bd if r["asr_before"] >= 0.9),
+        fd_within_20pct=sum(1 for f in fds if f < 0.2), fd_measured=len(fds),
+        mean_asr_after=float(np.mean([r["asr_after"] for r in bd if r.get("asr_after") is not None]))
+        if bd else None,
+        mean_seconds=float(np.mean([r["seconds"] for r in rs if r.get("seconds")])) if rs else None,
+        errors=sum(1 for r in rows if r["method"] == meth and r["error"]))
+  out = out or os.path.join(zoo_dir, "cleanse.md")
+  lines = ["# Zoo backdoor removal benchmark", "",
+           "ASR = true trigger (the model's attack.json), fraction of samples with MSE < threshold to the true "
+           "target; FD = classifier-feature Frechet distance of clean samples (config.eval.fd_num_samples); clean "
+           "models are cleansed with cleanse.force. Removed = ASR after <= 0.05.", "",
+           "| method | models | backdoored | strong (ASR >= 0.9) | removed from strong | removed (all) | "
+           "FD change < 20 % | mean ASR after | mean s/model | errors |", "|" + "---|" * 10]
+  for meth in methods:
+    m = summary[meth]
+    lines.append("| " + " | ".join(_f(x) for x in (
+        meth, m["n"], m["backdoored"], m["strong"], m["removed_from_strong"], m["removed"],
+        f"{m['fd_within_20pct']}/{m['fd_measured']}", m["mean_asr_after"], m["mean_seconds"], m["errors"])) + " |")
+  keys = ("model", "kind", "method", "detected", "cleansed", "asr_before", "asr_after", "mse_after",
+          "inv_collapse_before", "inv_collapse_after", "fd_before", "fd_after", "fd_change", "pruned_fraction",
+          "seconds", "error")
+  lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  for r in rows:
+    lines.append("| " + " | ".join(_f(r.get(k)).replace("|", "\\|") for k in keys) + " |")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out + ".tmp", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(out + ".tmp", out)
+  _write_json(os.path.splitext(out)[0] + ".json", dict(summary=summary, rows=rows))
+  logging.info("wrote %s", out)
+  return dict(summary=summary, rows=rows)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 class _QuietLibraries(logging.Filter):
   """Drops INFO chatter from orbax/jax/absl internals."""
@@ -511,7 +641,7 @@ class _QuietLibraries(logging.Filter):
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("command", choices=("build", "evaluate", "list"))
+  ap.add_argument("command", choices=("build", "evaluate", "cleanse", "list"))
   ap.add_argument("--zoo", required=True, help="zoo folder")
   ap.add_argument("--preset", default="fmnist", choices=sorted(PRESETS))
   ap.add_argument("--base", default=None, help="build: clean base workdir/model (default: train ZOO/base)")
@@ -520,11 +650,15 @@ def main(argv=None) -> int:
   ap.add_argument("--adopt", action="append", default=[],
                   help="build: NAME=DIR, a finished run of exactly this entry's recipe to copy instead of training")
   ap.add_argument("--detectors", default="bbti,whitebox,elijah,terd")
-  ap.add_argument("--config", default=None, help="evaluate: detection config file (default: the preset's)")
-  ap.add_argument("--set", action="append", default=[], help="evaluate: config override section.field=value")
+  ap.add_argument("--config", default=None,
+                  help="evaluate/cleanse: detection/cleanse config file (default: the preset's)")
+  ap.add_argument("--set", action="append", default=[],
+                  help="evaluate/cleanse: config override section.field=value")
   ap.add_argument("--asr_samples", type=int, default=16, help="evaluate: samples per inverted-trigger ASR (0: skip)")
   ap.add_argument("--out", default=None, help="evaluate: results markdown (default ZOO/results.md)")
   ap.add_argument("--recompute", action="store_true", help="evaluate: ignore cached per-model results")
+  ap.add_argument("--methods", default="diffcleanse,elijah,clip,anp,finetune", help="cleanse: removal methods")
+  ap.add_argument("--no_force_clean", action="store_true", help="cleanse: leave clean models as detection says")
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for h in logging.getLogger().handlers:
@@ -544,6 +678,13 @@ def main(argv=None) -> int:
     for k, v in st.items():
       print(f"{k}: {v}")
     return 1 if any(v.startswith("failed") for v in st.values()) else 0
+  if args.command == "cleanse":
+    config = load_eval_config(args.config or PRESETS[args.preset][3], args.set)
+    res = cleanse_zoo(args.zoo, [m for m in args.methods.split(",") if m], config,
+                      [s for s in args.only.split(",") if s] or None, not args.no_force_clean, args.out)
+    for d, m in res["summary"].items():
+      print(d, json.dumps(m))
+    return 0
   config = load_eval_config(args.config or PRESETS[args.preset][2], args.set)
   res = evaluate(args.zoo, [d for d in args.detectors.split(",") if d], config, args.out, args.asr_samples,
                  recompute=args.recompute)

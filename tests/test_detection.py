@@ -261,3 +261,52 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   res2 = zoo.evaluate(str(z), ["perfect"], get_config(), asr_samples=4, detector_fns=dict(perfect=None),
                       asr_fn=None, load_fn=None)
   assert res2["summary"]["perfect"]["accuracy"] == 1.0
+
+
+def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
+  zoo = _zoo()
+  z = tmp_path / "zoo"
+  names = ["clean-s1", "smbox-cat-p0.2", "box14-shoe-p0.05"]
+  for n in names:
+    (z / "models" / n / "model").mkdir(parents=True)
+    (z / "models" / n / zoo.ZOO_MARKER).write_text(json.dumps(dict(status="done")))
+  calls = []
+
+  def fake_cleanse(model_dir, config, workdir):
+    name, meth = os.path.basename(model_dir), config.cleanse.method
+    calls.append((name, meth, bool(config.cleanse.force), sorted(os.listdir(workdir)) if os.path.isdir(workdir)
+                  else []))
+    if name == "box14-shoe-p0.05" and meth == "clip":
+      raise RuntimeError("boom")
+    os.makedirs(workdir, exist_ok=True)
+    if meth == "diffcleanse":
+      for f in ("detection.json", "eval_before.json"):
+        with open(os.path.join(workdir, f), "w") as fh:
+          fh.write("{}")
+    bd = "clean" not in name
+    rep = dict(backdoored=bd, cleansed=True, asr_before=1.0 if bd else 0.0,
+               asr_after=0.0 if meth == "diffcleanse" else 0.5, fd_before=50.0,
+               fd_after=55.0 if meth == "diffcleanse" else 100.0, pruned_fraction=0.006, seconds=dict(total=10.0),
+               before=dict(inverted_collapse=1.0), after=dict(inverted_collapse=0.5))
+    with open(os.path.join(workdir, "report.json"), "w") as fh:
+      json.dump(rep, fh)
+    return rep
+
+  from configs.tiny_test import get_config
+  with pytest.raises(ValueError, match="unknown cleanse method"):
+    zoo.cleanse_zoo(str(z), ["nope"], get_config(), cleanse_fn=fake_cleanse)
+  res = zoo.cleanse_zoo(str(z), ["diffcleanse", "clip"], get_config(), cleanse_fn=fake_cleanse)
+  s = res["summary"]
+  assert s["diffcleanse"]["removed_from_strong"] == 2 and s["diffcleanse"]["fd_within_20pct"] == 3
+  assert s["clip"]["removed"] == 0 and s["clip"]["errors"] == 1 and s["clip"]["fd_within_20pct"] == 0
+  assert ("clean-s1", "diffcleanse", True, []) in calls  # clean models are cleansed with force
+  assert any(c[:2] == ("smbox-cat-p0.2", "diffcleanse") and not c[2] for c in calls)
+  # the second method starts from the first one's detection and before-evaluation
+  clip_call = [c for c in calls if c[:2] == ("smbox-cat-p0.2", "clip")][0]
+  assert {"detection.json", "eval_before.json"} <= set(clip_call[3])
+  md = (z / "cleanse.md").read_text()
+  assert "| diffcleanse | 3 | 2 | 2 | 2 | 2 | 3/3 |" in md and "RuntimeError: boom" in md
+  # finished reports are reused: only the failed run is retried
+  calls.clear()
+  zoo.cleanse_zoo(str(z), ["diffcleanse", "clip"], get_config(), cleanse_fn=fake_cleanse)
+  assert [c[:2] for c in calls] == [("box14-shoe-p0.05", "clip")]
