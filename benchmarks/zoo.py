@@ -358,6 +358,15 @@ def true_target(model_dir: str) -> np.ndarray | None:
   return np.load(path) if os.path.isfile(path) else None
 
 
+def _settings_digest(d) -> str:
+  import hashlib
+
+  def plain(v):
+    return v.to_dict() if hasattr(v, "to_dict") else v
+  text = json.dumps({k: plain(v) for k, v in d.items()}, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _default_asr_fn(model, trigger, target, eval_cfg, key) -> dict:
   from diffcleanse_jax.evaluation import evaluate_model
   return evaluate_model(model, trigger, target, eval_cfg, key)
@@ -399,6 +408,9 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   eval_cfg.update(num_samples=int(asr_samples), batch_size=min(int(eval_cfg.get("batch_size", 64)), int(asr_samples)),
                   clean=False)
   key = jax.random.key(int(config.seed))
+  # Cached results are reused only if made with the same settings (a digest of the sections detectors read).
+  fingerprint = _settings_digest(dict(seed=config.seed, inversion=config.inversion, detection=config.detection,
+                                      eval=eval_cfg))
   rows: list[dict[str, Any]] = []
   true_mscr: dict[str, Any] = {}
   for e in entries:
@@ -407,12 +419,14 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
     if e.backdoored and mscr_fn is not False:
       cache = os.path.join(zoo_dir, "results", "true_trigger", e.name + ".json")
       got = None if recompute else _read_json(cache)
+      if got is not None and got.get("settings") != fingerprint:
+        got = None
       tpath = os.path.join(mdir, "trigger.npy")
       if got is None and os.path.isfile(tpath):
         try:
           model = model or load_fn(mdir)
           m = (mscr_fn or _default_mscr_fn)(model, np.load(tpath), config, key)
-          got = dict(mscr=m["mscr"], num_excluded=m.get("num_excluded"))
+          got = dict(mscr=m["mscr"], num_excluded=m.get("num_excluded"), settings=fingerprint)
           _write_json(cache, got)
         except Exception as err:  # noqa: BLE001
           logging.error("zoo evaluate: true-trigger MSCR of %s failed: %s", e.name, err)
@@ -420,11 +434,13 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
     for det_name in detectors:
       rdir = os.path.join(zoo_dir, "results", det_name, e.name)
       cached = None if recompute else _read_json(os.path.join(rdir, "result.json"))
-      if cached is not None:
+      if cached is not None and cached.get("settings") == fingerprint:
         rows.append(cached)
         continue
+      if cached is not None:
+        logging.info("zoo evaluate: %s / %s: cached result has other settings, recomputing", e.name, det_name)
       row = dict(model=e.name, kind=e.kind, trigger=e.trigger, target=e.target, poison_rate=e.poison_rate,
-                 detector=det_name, score=None, threshold=None, backdoored=None, seconds=None, asr=None,
+                 detector=det_name, settings=fingerprint, score=None, threshold=None, backdoored=None, seconds=None, asr=None,
                  asr_mse=None, error=None)
       try:
         model = model or load_fn(mdir)

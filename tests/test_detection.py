@@ -261,6 +261,13 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   res2 = zoo.evaluate(str(z), ["perfect"], get_config(), asr_samples=4, detector_fns=dict(perfect=None),
                       asr_fn=None, load_fn=None)
   assert res2["summary"]["perfect"]["accuracy"] == 1.0
+  # other detection settings: the cache is stale and the detector runs again
+  other = get_config()
+  other.inversion.max_epochs = 3
+  calls = []
+  zoo.evaluate(str(z), ["perfect"], other, asr_samples=0, load_fn=lambda p: p, mscr_fn=False,
+               detector_fns=dict(perfect=lambda m, c, k: calls.append(m) or perfect(m, c, k)))
+  assert len(calls) == 12
 
 
 def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
