@@ -408,9 +408,16 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   eval_cfg.update(num_samples=int(asr_samples), batch_size=min(int(eval_cfg.get("batch_size", 64)), int(asr_samples)),
                   clean=False)
   key = jax.random.key(int(config.seed))
-  # Cached results are reused only if made with the same settings (a digest of the sections detectors read).
-  fingerprint = _settings_digest(dict(seed=config.seed, inversion=config.inversion, detection=config.detection,
-                                      eval=eval_cfg))
+  # Cached results are reused only if made with the same settings: a digest of what each detector reads
+  # (BBTI/white-box: config.inversion + detection threshold; Elijah/TERD: their detection sub-section) + eval.
+  det_cfg = config.detection.to_dict() if hasattr(config.detection, "to_dict") else dict(config.detection)
+  common = {k: v for k, v in det_cfg.items() if not isinstance(v, dict)}
+  inv_cfg = config.inversion
+
+  def digest(det_name):
+    own = det_cfg.get(det_name) if isinstance(det_cfg.get(det_name), dict) else inv_cfg
+    return _settings_digest(dict(seed=config.seed, detection=common, own=own, eval=eval_cfg))
+  fingerprint = _settings_digest(dict(seed=config.seed, inversion=inv_cfg))  # true-trigger MSCR
   rows: list[dict[str, Any]] = []
   true_mscr: dict[str, Any] = {}
   for e in entries:
@@ -434,13 +441,13 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
     for det_name in detectors:
       rdir = os.path.join(zoo_dir, "results", det_name, e.name)
       cached = None if recompute else _read_json(os.path.join(rdir, "result.json"))
-      if cached is not None and cached.get("settings") == fingerprint:
+      if cached is not None and cached.get("settings") == digest(det_name):
         rows.append(cached)
         continue
       if cached is not None:
         logging.info("zoo evaluate: %s / %s: cached result has other settings, recomputing", e.name, det_name)
       row = dict(model=e.name, kind=e.kind, trigger=e.trigger, target=e.target, poison_rate=e.poison_rate,
-                 detector=det_name, settings=fingerprint, score=None, threshold=None, backdoored=None, seconds=None, asr=None,
+                 detector=det_name, settings=digest(det_name), score=None, threshold=None, backdoored=None, seconds=None, asr=None,
                  asr_mse=None, error=None)
       try:
         model = model or load_fn(mdir)
