@@ -412,12 +412,16 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   # (BBTI/white-box: config.inversion + detection threshold; Elijah/TERD: their detection sub-section) + eval.
   det_cfg = config.detection.to_dict() if hasattr(config.detection, "to_dict") else dict(config.detection)
   common = {k: v for k, v in det_cfg.items() if not isinstance(v, dict)}
-  inv_cfg = config.inversion
+  from diffcleanse_jax.defense.inversion import InversionSettings
+
+  def inversion_fields(method):  # the resolved settings, without the other method's knobs
+    d = dataclasses.asdict(InversionSettings.from_config(config.inversion, method=method))
+    return {k: v for k, v in d.items() if method == "whitebox" or not k.startswith("whitebox_")}
 
   def digest(det_name):
-    own = det_cfg.get(det_name) if isinstance(det_cfg.get(det_name), dict) else inv_cfg
+    own = det_cfg.get(det_name) if isinstance(det_cfg.get(det_name), dict) else inversion_fields(det_name)
     return _settings_digest(dict(seed=config.seed, detection=common, own=own, eval=eval_cfg))
-  fingerprint = _settings_digest(dict(seed=config.seed, inversion=inv_cfg))  # true-trigger MSCR
+  fingerprint = _settings_digest(dict(seed=config.seed, inversion=inversion_fields("bbti")))  # true-trigger MSCR
   rows: list[dict[str, Any]] = []
   true_mscr: dict[str, Any] = {}
   for e in entries:

@@ -21,7 +21,8 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   output of these models to black at epoch 0 (all excluded, L_s = 0, the run stops with MSCR 0);
 * num_steps = 100 (DDPM-100): the backdoor needs a longer chain to fire (true-trigger MSCR 0 / 0.31 / 0.5 at
   DDPM-20 / 100 / 1000). Measured: backdoored pilot MSCR 0.4375 (DDPM-20) and 0.75 (DDPM-100, flagged), clean
-  fm1 0 with both. White-box compile time grows with the unrolled chain: use --config.inversion.num_steps=20.
+  fm1 0 with both. White-box compile time grows with the unrolled chain, so white-box uses DDPM-20
+  (inversion.whitebox_num_steps; BBTI keeps DDPM-100).
 * Elijah's detection sampler: DDPM-100 instead of DDIM-50, for the same reason (see get_config).
 """
 from configs.common import base_config
@@ -33,6 +34,7 @@ def get_config():
   c.inversion.whitebox_remat = False
   c.inversion.init_mean = 0.5
   c.inversion.num_steps = 100
+  c.inversion.whitebox_num_steps = 20  # unrolled DDPM-100 takes minutes to compile: white-box inverts through DDPM-20
   # Elijah's detection samples 16 images from noise + its inverted trigger: with its default DDIM-50 (an ODE
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
   # 0.28, missed), so these models are checked with the chain BBTI uses, DDPM-100.

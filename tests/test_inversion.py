@@ -229,6 +229,9 @@ def test_settings_from_full_or_flat_config():
   c = base_config("tiny")
   s = inv.InversionSettings.from_config(c)
   assert s == inv.InversionSettings()  # config defaults == dataclass defaults
+  wb = inv.InversionSettings.from_config(dict(num_steps=100, whitebox_num_steps=20), method="whitebox")
+  bb = inv.InversionSettings.from_config(dict(num_steps=100, whitebox_num_steps=20), method="bbti")
+  assert (wb.num_steps, bb.num_steps) == (20, 100)  # white-box has its own chain length when set
   s2 = inv.InversionSettings.from_config(dict(max_epochs="5", grad_scale=10, threshold=0.3), method="whitebox")
   assert s2.max_epochs == 5 and s2.grad_scale == 10.0 and s2.method == "whitebox"
   with pytest.raises(inv.InversionError):

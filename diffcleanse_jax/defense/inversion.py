@@ -88,6 +88,7 @@ class InversionSettings:
   stop_on_zero_similarity_loss: bool = True  # the code also stops when L_s == 0
   whitebox_unroll: bool = True      # whitebox: python-unrolled sampler (else lax.scan)
   whitebox_remat: bool = True       # whitebox: jax.checkpoint per sampler step
+  whitebox_num_steps: int = 0       # whitebox: its own (shorter) chain, > 0 replaces num_steps; 0 = num_steps
   log_every: int = 10               # log a progress line every N epochs (0 = never)
 
   def validate(self) -> "InversionSettings":
@@ -122,7 +123,10 @@ class InversionSettings:
         kw[k] = bool(v)
       else:
         kw[k] = str(v)
-    return cls(**kw).validate()
+    s = cls(**kw)
+    if s.method == "whitebox" and s.whitebox_num_steps > 0:
+      s = dataclasses.replace(s, num_steps=s.whitebox_num_steps)
+    return s.validate()
 
   def sampler_config(self, scheduler_config: Mapping[str, Any] | None) -> samplers.SamplerConfig:
     return samplers.SamplerConfig.from_scheduler_config(
