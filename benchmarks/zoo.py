@@ -415,6 +415,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   from diffcleanse_jax.defense.inversion import InversionSettings
 
   def inversion_fields(method):  # the resolved settings, without the other method's knobs
+    method = method if method == "whitebox" else "bbti"
     d = dataclasses.asdict(InversionSettings.from_config(config.inversion, method=method))
     return {k: v for k, v in d.items() if method == "whitebox" or not k.startswith("whitebox_")}
 
