@@ -384,11 +384,12 @@ def _default_load_fn(path: str):
 
 def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = None, asr_samples: int = 16,
              detector_fns: dict[str, Callable] | None = None, asr_fn: Callable | None = None,
-             load_fn: Callable | None = None, recompute: bool = False, mscr_fn: Callable | bool | None = None
-             ) -> dict[str, Any]:
+             load_fn: Callable | None = None, recompute: bool = False, mscr_fn: Callable | bool | None = None,
+             cached_only: bool = False) -> dict[str, Any]:
   """Runs every detector on every finished zoo model; writes results.md / results.json; returns the summary.
   Also records, per backdoored model, the MSCR of its *true* trigger under the inversion's sampler (`true_mscr`:
-  the statistic's ceiling for that model; mscr_fn=False skips it)."""
+  the statistic's ceiling for that model; mscr_fn=False skips it). cached_only: compute nothing, tabulate the
+  cached results made with these settings (missing ones are left out of the table)."""
   import jax
 
   from diffcleanse_jax.defense.detection import detection_metrics
@@ -434,7 +435,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
       if got is not None and got.get("settings") != fingerprint:
         got = None
       tpath = os.path.join(mdir, "trigger.npy")
-      if got is None and os.path.isfile(tpath):
+      if got is None and os.path.isfile(tpath) and not cached_only:
         try:
           model = model or load_fn(mdir)
           m = (mscr_fn or _default_mscr_fn)(model, np.load(tpath), config, key)
@@ -448,6 +449,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
       cached = None if recompute else _read_json(os.path.join(rdir, "result.json"))
       if cached is not None and cached.get("settings") == digest(det_name):
         rows.append(cached)
+        continue
+      if cached_only:
         continue
       if cached is not None:
         logging.info("zoo evaluate: %s / %s: cached result has other settings, recomputing", e.name, det_name)
@@ -685,6 +688,7 @@ def main(argv=None) -> int:
   ap.add_argument("--asr_samples", type=int, default=16, help="evaluate: samples per inverted-trigger ASR (0: skip)")
   ap.add_argument("--out", default=None, help="evaluate: results markdown (default ZOO/results.md)")
   ap.add_argument("--recompute", action="store_true", help="evaluate: ignore cached per-model results")
+  ap.add_argument("--cached_only", action="store_true", help="evaluate: only tabulate the cached results")
   ap.add_argument("--methods", default="diffcleanse,elijah,clip,anp,finetune", help="cleanse: removal methods")
   ap.add_argument("--no_force_clean", action="store_true", help="cleanse: leave clean models as detection says")
   args = ap.parse_args(argv)
@@ -715,7 +719,7 @@ def main(argv=None) -> int:
     return 0
   config = load_eval_config(args.config or PRESETS[args.preset][2], args.set)
   res = evaluate(args.zoo, [d for d in args.detectors.split(",") if d], config, args.out, args.asr_samples,
-                 recompute=args.recompute)
+                 recompute=args.recompute, cached_only=args.cached_only)
   for d, m in res["summary"].items():
     print(d, json.dumps(m))
   return 0

@@ -268,6 +268,10 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   zoo.evaluate(str(z), ["perfect"], other, asr_samples=0, load_fn=lambda p: p, mscr_fn=False,
                detector_fns=dict(perfect=lambda m, c, k: calls.append(m) or perfect(m, c, k)))
   assert len(calls) == 12
+  # cached_only tabulates what is cached with these settings and computes nothing
+  res3 = zoo.evaluate(str(z), ["perfect", "always"], other, asr_samples=0, cached_only=True,
+                      detector_fns=dict(perfect=None, always=None), load_fn=None, mscr_fn=False)
+  assert res3["summary"]["perfect"]["n"] == 12 and res3["summary"]["always"]["n"] == 0
 
 
 def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
