@@ -385,11 +385,11 @@ def _default_load_fn(path: str):
 def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = None, asr_samples: int = 16,
              detector_fns: dict[str, Callable] | None = None, asr_fn: Callable | None = None,
              load_fn: Callable | None = None, recompute: bool = False, mscr_fn: Callable | bool | None = None,
-             cached_only: bool = False) -> dict[str, Any]:
+             cached_only: bool = False, only: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs every detector on every finished zoo model; writes results.md / results.json; returns the summary.
   Also records, per backdoored model, the MSCR of its *true* trigger under the inversion's sampler (`true_mscr`:
   the statistic's ceiling for that model; mscr_fn=False skips it). cached_only: compute nothing, tabulate the
-  cached results made with these settings (missing ones are left out of the table)."""
+  cached results made with these settings (missing ones are left out of the table). only: these model names."""
   import jax
 
   from diffcleanse_jax.defense.detection import detection_metrics
@@ -402,7 +402,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
       raise ValueError(f"--detectors: unknown detector {d!r}; known: {', '.join(detector_fns)}")
   asr_fn = asr_fn or _default_asr_fn
   load_fn = load_fn or _default_load_fn
-  entries = [e for e in zoo_entries() if is_done(zoo_dir, e.name)]
+  entries = [e for e in zoo_entries() if is_done(zoo_dir, e.name) and (not only or e.name in set(only))]
   if not entries:
     raise FileNotFoundError(f"{zoo_dir}: no finished zoo models (run the build command first)")
   eval_cfg = config.eval.to_dict() if hasattr(config.eval, "to_dict") else dict(config.eval)
@@ -677,7 +677,7 @@ def main(argv=None) -> int:
   ap.add_argument("--preset", default="fmnist", choices=sorted(PRESETS))
   ap.add_argument("--base", default=None, help="build: clean base workdir/model (default: train ZOO/base)")
   ap.add_argument("--steps", type=int, default=None, help="build: override train.num_steps (smoke runs)")
-  ap.add_argument("--only", default="", help="build: comma-separated entry names")
+  ap.add_argument("--only", default="", help="build/evaluate/cleanse: comma-separated entry names")
   ap.add_argument("--adopt", action="append", default=[],
                   help="build: NAME=DIR, a finished run of exactly this entry's recipe to copy instead of training")
   ap.add_argument("--detectors", default="bbti,whitebox,elijah,terd")
@@ -719,7 +719,8 @@ def main(argv=None) -> int:
     return 0
   config = load_eval_config(args.config or PRESETS[args.preset][2], args.set)
   res = evaluate(args.zoo, [d for d in args.detectors.split(",") if d], config, args.out, args.asr_samples,
-                 recompute=args.recompute, cached_only=args.cached_only)
+                 recompute=args.recompute, cached_only=args.cached_only,
+                 only=[s for s in args.only.split(",") if s] or None)
   for d, m in res["summary"].items():
     print(d, json.dumps(m))
   return 0
