@@ -3,7 +3,7 @@
 Build (resumable: finished models are skipped, interrupted ones resume from their newest checkpoint):
 
   python benchmarks/zoo.py build --zoo=runs/zoo --base=runs/fmnist          # 4 clean + 8 backdoored, hours of CPU
-  python benchmarks/zoo.py build --zoo=runs/zoo --base=runs/fmnist --only=clean-s1,box14-hat-p0.2
+  python benchmarks/zoo.py build --zoo=runs/zoo --base=runs/fmnist --only=clean-s1,smbox-cat-p0.2
   python benchmarks/zoo.py build --zoo=/tmp/zoo_smoke --preset=tiny --steps=4   # seconds-scale smoke run
   python benchmarks/zoo.py list --zoo=runs/zoo                                  # what is built
 
@@ -13,21 +13,27 @@ Evaluate (every detector on every model; per (model, detector) results are cache
   python benchmarks/zoo.py evaluate --zoo=runs/zoo --detectors=bbti --set inversion.max_epochs=50 --asr_samples=16
   python benchmarks/zoo.py evaluate --zoo=/tmp/zoo_smoke --preset=tiny --detectors=bbti --asr_samples=4
 
-Cleanse (issue 5: every removal method on every finished model, clean ones forced; cached per (method, model)):
+Cleanse (issue 5: every removal method on every finished model, by default forced on all of them, --force=clean
+forces only the clean ones; cached per (method, model), interrupted runs resume):
 
   python benchmarks/zoo.py cleanse --zoo=runs/zoo --methods=diffcleanse,elijah,clip,anp,finetune
   python benchmarks/zoo.py cleanse --zoo=runs/zoo --methods=diffcleanse --only=smbox-cat-p0.2 --set eval.fd_num_samples=64
+  python benchmarks/zoo.py cleanse --zoo=/tmp/zoo_smoke --preset=tiny --methods=diffcleanse,clip --set finetune.num_images=16 \
+      --set finetune.num_steps=4 --set finetune.batch_size=8 --set finetune.sample_steps=5 --set eval.num_samples=4 \
+      --set eval.batch_size=4 --set eval.num_steps=10 --set inversion.max_epochs=2 --set inversion.num_steps=5 \
+      --set prune.batch_size=4 --set prune.t_stride=50        # ~1.5 min smoke run (after the tiny build above)
 
 Zoo (preset `fmnist`: configs/fmnist_attack.py, 32x32 grayscale `fmnist-cpu` UNet):
 
 * base: `--base` (a clean training workdir, e.g. runs/fmnist from configs/fashion_mnist_cpu.py); without it the
   zoo trains `ZOO/base` with configs/fashion_mnist_cpu.py first.
-* clean-s1..s4: clean fine-tunes of the base, seeds 1-4, with exactly the attack's training recipe
-  (config.train of fmnist_attack.py, random flips) and no poisoning: the negative controls.
-* 8 BadDiffusion fine-tunes of the base (`diffcleanse_jax/attacks/workflow.py:attack_mode`, seed 1): triggers
+* clean-s1..s4: clean fine-tunes of the base, seeds 1-4, with the attack's training recipe (config.train of
+  fmnist_attack.py, random flips) for 3,000 steps and no poisoning: the negative controls.
+* 8 BadDiffusion fine-tunes of the base (`diffcleanse_jax/attacks/workflow.py:attack_mode`): triggers
   BOX_14 (grey box), SM_BOX (white box), STOP_SIGN_14 and a user image trigger that the zoo draws itself
   (`ZOO/assets/user_trigger_<S>.png`, a white X in the top-left corner); targets HAT, SHOE, CORNER, CAT; poison
-  rates 0.05 and 0.2 (see `zoo_entries`).
+  rates 0.05 (12,000 steps), 0.1 (the issue-3 runs, seed 0, 12,000 steps; `--adopt` copies finished ones) and
+  0.2 (6,000 steps); see `zoo_entries` and `POISON_STEPS`.
 
 Layout: `ZOO/models/<name>/` is the train/attack workdir (`model/` is the final diffusers folder; backdoored ones
 have attack.json, trigger.npy, target.npy); `ZOO/models/<name>/zoo.json` marks a finished entry.
@@ -566,15 +572,23 @@ def _fd_change(before, after):
   return float(after) / float(before) - 1.0
 
 
+FORCE_CHOICES = ("all", "clean", "none")
+
+
 def cleanse_zoo(zoo_dir: str, methods: Sequence[str], config, only: Sequence[str] | None = None,
-                force_clean: bool = True, out: str | None = None, cleanse_fn: Callable | None = None
+                force: str = "all", out: str | None = None, cleanse_fn: Callable | None = None
                 ) -> dict[str, Any]:
-  """Runs `cleanse` with every method on every finished zoo model (clean ones with config.cleanse.force, the
-  "cleansing a clean model does not degrade it" check), each in ZOO/cleanse/<method>/<model>/ (resumable: a
+  """Runs `cleanse` with every method on every finished zoo model, each in ZOO/cleanse/<method>/<model>/.
+  force: 'all' (default) sets config.cleanse.force on every model, so removal is measured even where detection
+  missed (the `detected` column still says what detection decided); 'clean' only on clean models (the "cleansing
+  a clean model does not degrade it" check; backdoored ones are removed only if detected, the end-to-end
+  pipeline); 'none' leaves every decision to detection. Resumable: a
   finished report.json is reused, an interrupted run resumes). The true trigger/target come from the model's
   attack.json (evaluation only). Writes ZOO/cleanse.md + cleanse.json; returns dict(summary, rows)."""
   from diffcleanse_jax.defense.cleanse import METHODS
 
+  if force not in FORCE_CHOICES:
+    raise ValueError(f"--force={force!r}; expected one of {', '.join(FORCE_CHOICES)}")
   for m in methods:
     if m not in METHODS:
       raise ValueError(f"--methods: unknown cleanse method {m!r}; known: {', '.join(METHODS)}")
@@ -594,7 +608,7 @@ def cleanse_zoo(zoo_dir: str, methods: Sequence[str], config, only: Sequence[str
       if rep is None:
         c = copy.deepcopy(config)
         c.cleanse.method = meth
-        if not e.backdoored and force_clean:
+        if force == "all" or (force == "clean" and not e.backdoored):
           c.cleanse.force = True
         if first_wd is not None:
           os.makedirs(wd, exist_ok=True)
@@ -623,6 +637,7 @@ def cleanse_zoo(zoo_dir: str, methods: Sequence[str], config, only: Sequence[str
     rs = [r for r in rows if r["method"] == meth and r["error"] is None]
     bd = [r for r in rs if r["kind"] == "backdoor" and r.get("asr_before") is not None]
     fds = [abs(r["fd_change"]) for r in rs if r.get("fd_change") is not None]
+    after = [r["asr_after"] for r in bd if r.get("asr_after") is not None]
     summary[meth] = dict(
         n=len(rs), backdoored=len(bd),
         removed=sum(1 for r in bd if r.get("asr_after") is not None and r["asr_after"] <= 0.05),
@@ -630,15 +645,14 @@ def cleanse_zoo(zoo_dir: str, methods: Sequence[str], config, only: Sequence[str
                                 and r["asr_after"] <= 0.05),
         strong=sum(1 for r in bd if r["asr_before"] >= 0.9),
         fd_within_20pct=sum(1 for f in fds if f < 0.2), fd_measured=len(fds),
-        mean_asr_after=float(np.mean([r["asr_after"] for r in bd if r.get("asr_after") is not None]))
-        if bd else None,
+        mean_asr_after=float(np.mean(after)) if after else None,
         mean_seconds=float(np.mean([r["seconds"] for r in rs if r.get("seconds")])) if rs else None,
         errors=sum(1 for r in rows if r["method"] == meth and r["error"]))
   out = out or os.path.join(zoo_dir, "cleanse.md")
   lines = ["# Zoo backdoor removal benchmark", "",
            "ASR = true trigger (the model's attack.json), fraction of samples with MSE < threshold to the true "
-           "target; FD = classifier-feature Frechet distance of clean samples (config.eval.fd_num_samples); clean "
-           "models are cleansed with cleanse.force. Removed = ASR after <= 0.05.", "",
+           "target; FD = classifier-feature Frechet distance of clean samples (config.eval.fd_num_samples); "
+           f"cleanse.force on: {force} models (detected = what detection decided). Removed = ASR after <= 0.05.", "",
            "| method | models | backdoored | strong (ASR >= 0.9) | removed from strong | removed (all) | "
            "FD change < 20 % | mean ASR after | mean s/model | errors |", "|" + "---|" * 10]
   for meth in methods:
@@ -690,7 +704,8 @@ def main(argv=None) -> int:
   ap.add_argument("--recompute", action="store_true", help="evaluate: ignore cached per-model results")
   ap.add_argument("--cached_only", action="store_true", help="evaluate: only tabulate the cached results")
   ap.add_argument("--methods", default="diffcleanse,elijah,clip,anp,finetune", help="cleanse: removal methods")
-  ap.add_argument("--no_force_clean", action="store_true", help="cleanse: leave clean models as detection says")
+  ap.add_argument("--force", default="all", choices=FORCE_CHOICES,
+                  help="cleanse: which models are cleansed whatever detection says")
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for h in logging.getLogger().handlers:
@@ -713,7 +728,7 @@ def main(argv=None) -> int:
   if args.command == "cleanse":
     config = load_eval_config(args.config or PRESETS[args.preset][3], args.set)
     res = cleanse_zoo(args.zoo, [m for m in args.methods.split(",") if m], config,
-                      [s for s in args.only.split(",") if s] or None, not args.no_force_clean, args.out)
+                      [s for s in args.only.split(",") if s] or None, args.force, args.out)
     for d, m in res["summary"].items():
       print(d, json.dumps(m))
     return 0

@@ -306,7 +306,9 @@ def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
   from configs.tiny_test import get_config
   with pytest.raises(ValueError, match="unknown cleanse method"):
     zoo.cleanse_zoo(str(z), ["nope"], get_config(), cleanse_fn=fake_cleanse)
-  res = zoo.cleanse_zoo(str(z), ["diffcleanse", "clip"], get_config(), cleanse_fn=fake_cleanse)
+  with pytest.raises(ValueError, match="--force"):
+    zoo.cleanse_zoo(str(z), ["clip"], get_config(), force="some", cleanse_fn=fake_cleanse)
+  res = zoo.cleanse_zoo(str(z), ["diffcleanse", "clip"], get_config(), force="clean", cleanse_fn=fake_cleanse)
   s = res["summary"]
   assert s["diffcleanse"]["removed_from_strong"] == 2 and s["diffcleanse"]["fd_within_20pct"] == 3
   assert s["clip"]["removed"] == 0 and s["clip"]["errors"] == 1 and s["clip"]["fd_within_20pct"] == 0
@@ -321,3 +323,10 @@ def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
   calls.clear()
   zoo.cleanse_zoo(str(z), ["diffcleanse", "clip"], get_config(), cleanse_fn=fake_cleanse)
   assert [c[:2] for c in calls] == [("box14-shoe-p0.05", "clip")]
+  # the default force='all' cleanses a backdoored model that detection missed, too
+  z2 = tmp_path / "zoo2"
+  (z2 / "models" / "smbox-cat-p0.2" / "model").mkdir(parents=True)
+  (z2 / "models" / "smbox-cat-p0.2" / zoo.ZOO_MARKER).write_text(json.dumps(dict(status="done")))
+  calls.clear()
+  zoo.cleanse_zoo(str(z2), ["diffcleanse"], get_config(), cleanse_fn=fake_cleanse)
+  assert [c[:3] for c in calls] == [("smbox-cat-p0.2", "diffcleanse", True)]
