@@ -526,17 +526,26 @@ def _write_results(path: str, rows, summary, detectors, asr_samples) -> None:
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for d in detectors:
     m = summary[d]
-    lines.append("| " + " | ".join(_f(x) for x in (d, m.get("n"), m.get("accuracy"), m.get("auroc"), m.get("tp"),
-                                                   m.get("fp"), m.get("tn"), m.get("fn"), m.get("mean_seconds"),
-                                                   m.get("mean_inverted_asr"), m.get("errors"))) + " |")
+    lines.append(_md_row((d, m.get("n"), m.get("accuracy"), m.get("auroc"), m.get("tp"), m.get("fp"), m.get("tn"),
+                          m.get("fn"), m.get("mean_seconds"), m.get("mean_inverted_asr"), m.get("errors"))))
   lines += ["", "true MSCR = the statistic for the model's true trigger (same noise batch and sampler as the "
             "inversion): what a perfect inversion could reach.", "",
             "| model | kind | trigger | target | rate | true MSCR | detector | score | threshold | flagged | seconds | "
             "inverted ASR | MSE | error |", "|" + "---|" * 14]
   for r in rows:
-    lines.append("| " + " | ".join(_f(r.get(k)).replace("|", "\\|") for k in (
+    lines.append(_md_row(r.get(k) for k in (
         "model", "kind", "trigger", "target", "poison_rate", "true_mscr", "detector", "score", "threshold",
-        "backdoored", "seconds", "asr", "asr_mse", "error")) + " |")
+        "backdoored", "seconds", "asr", "asr_mse", "error")))
+  _write_markdown(path, lines)
+
+
+def _md_row(values) -> str:
+  """One Markdown table row of `_f`-formatted cells ('|' inside a cell escaped)."""
+  return "| " + " | ".join(_f(v).replace("|", "\\|") for v in values) + " |"
+
+
+def _write_markdown(path: str, lines) -> None:
+  """Writes the lines atomically (tmp file + rename), creating the folder."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -657,19 +666,16 @@ def cleanse_zoo(zoo_dir: str, methods: Sequence[str], config, only: Sequence[str
            "FD change < 20 % | mean ASR after | mean s/model | errors |", "|" + "---|" * 10]
   for meth in methods:
     m = summary[meth]
-    lines.append("| " + " | ".join(_f(x) for x in (
-        meth, m["n"], m["backdoored"], m["strong"], m["removed_from_strong"], m["removed"],
-        f"{m['fd_within_20pct']}/{m['fd_measured']}", m["mean_asr_after"], m["mean_seconds"], m["errors"])) + " |")
+    lines.append(_md_row((meth, m["n"], m["backdoored"], m["strong"], m["removed_from_strong"], m["removed"],
+                          f"{m['fd_within_20pct']}/{m['fd_measured']}", m["mean_asr_after"], m["mean_seconds"],
+                          m["errors"])))
   keys = ("model", "kind", "method", "detected", "cleansed", "asr_before", "asr_after", "mse_after",
           "inv_collapse_before", "inv_collapse_after", "fd_before", "fd_after", "fd_change", "pruned_fraction",
           "seconds", "error")
   lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   for r in rows:
-    lines.append("| " + " | ".join(_f(r.get(k)).replace("|", "\\|") for k in keys) + " |")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out + ".tmp", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(out + ".tmp", out)
+    lines.append(_md_row(r.get(k) for k in keys))
+  _write_markdown(out, lines)
   _write_json(os.path.splitext(out)[0] + ".json", dict(summary=summary, rows=rows))
   logging.info("wrote %s", out)
   return dict(summary=summary, rows=rows)
