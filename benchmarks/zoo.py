@@ -32,7 +32,7 @@ Zoo (preset `fmnist`: configs/fmnist_attack.py, 32x32 grayscale `fmnist-cpu` UNe
 * 8 BadDiffusion fine-tunes of the base (`diffcleanse_jax/attacks/workflow.py:attack_mode`): triggers
   BOX_14 (grey box), SM_BOX (white box), STOP_SIGN_14 and a user image trigger that the zoo draws itself
   (`ZOO/assets/user_trigger_<S>.png`, a white X in the top-left corner); targets HAT, SHOE, CORNER, CAT; poison
-  rates 0.05 (12,000 steps), 0.1 (the issue-3 runs, seed 0, 12,000 steps; `--adopt` copies finished ones) and
+  rates 0.05 (4,000 steps), 0.1 (the issue-3 runs, seed 0, 12,000 steps; `--adopt` copies finished ones) and
   0.2 (6,000 steps); see `zoo_entries` and `POISON_STEPS`.
 
 Layout: `ZOO/models/<name>/` is the train/attack workdir (`model/` is the final diffusers folder; backdoored ones
@@ -91,11 +91,11 @@ class ZooEntry:
 # Step budgets (2-core CPU: ~4.7 steps/s, so 12,000 steps ~ 43 min). The backdoor becomes exact with the number of
 # *poisoned* examples seen and an annealed learning rate (docs/RESULTS.md pilots: BOX_14 -> HAT at poison 0.1 had
 # ASR ~0.5 after 6,000 steps, 1.0 after 12,000), so poison 0.2 gets 6,000 steps (as many poisoned examples as 12,000
-# at 0.1) and poison 0.05 the recipe's 12,000 (half as many: weaker backdoors, kept on purpose as hard cases for
-# detection). The clean controls are 3,000-step clean fine-tunes of the base: clean models of another training
+# at 0.1) and poison 0.05 4,000 (a sixth as many poisoned examples: weak backdoors, hard cases for detection; the
+# recipe's 12,000 steps would cost ~30 more minutes per model on 2 cores; the true ASR of every entry is measured). The clean controls are 3,000-step clean fine-tunes of the base: clean models of another training
 # length than the attacked ones, negative controls for detection.
 CLEAN_STEPS = 3000
-POISON_STEPS = {0.2: 6000, 0.1: 0, 0.05: 0}
+POISON_STEPS = {0.2: 6000, 0.1: 0, 0.05: 4000}
 
 
 def zoo_entries() -> list[ZooEntry]:
@@ -196,12 +196,18 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
-def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
+def _write_text(path: str, text: str) -> None:
+  """Writes atomically (tmp file + rename), creating the folder. The tmp name carries the pid: two builds on
+  different `--only` lists share ZOO/zoo_manifest.json, and a shared tmp name made one of them crash."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+  _write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def is_done(zoo_dir: str, name: str) -> bool:
@@ -398,7 +404,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   cached results made with these settings (missing ones are left out of the table). only: these model names."""
   import jax
 
-  from diffcleanse_jax.defense.detection import detection_metrics
+  from diffcleanse_jax.defense.detection import decide, detection_metrics, leave_one_out_thresholds
 
   if detector_fns is None:
     from diffcleanse_jax.defense.workflow import DETECTORS
@@ -492,8 +498,15 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   summary = {}
   for det_name in detectors:
     rs = [r for r in rows if r["detector"] == det_name and r["error"] is None and r["score"] is not None]
-    m = detection_metrics([r["score"] for r in rs], [r["kind"] == "backdoor" for r in rs],
-                          [bool(r["backdoored"]) for r in rs]) if rs else dict(n=0)
+    labels = [r["kind"] == "backdoor" for r in rs]
+    m = detection_metrics([r["score"] for r in rs], labels, [bool(r["backdoored"]) for r in rs]) if rs else dict(n=0)
+    # Clean-calibrated decision beside the fixed tau: each model is judged against the largest score of the
+    # *other* clean models (leave-one-out, floor 0), so no model helps set its own threshold.
+    taus = leave_one_out_thresholds([r["score"] for r in rs], labels) if rs else []
+    for r, t in zip(rs, taus):
+      r["loo_threshold"], r["loo_flagged"] = t, decide(r["score"], t)
+    loo = detection_metrics([r["score"] for r in rs], labels, [r["loo_flagged"] for r in rs]) if rs else dict(n=0)
+    m["loo_calibrated"] = {k: loo.get(k) for k in ("accuracy", "tp", "fp", "tn", "fn")}
     asrs = [r["asr"] for r in rs if r["kind"] == "backdoor" and r["asr"] is not None]
     m.update(mean_seconds=float(np.mean([r["seconds"] for r in rs])) if rs else None,
              mean_inverted_asr=float(np.mean(asrs)) if asrs else None,
@@ -522,20 +535,26 @@ def _write_results(path: str, rows, summary, detectors, asr_samples) -> None:
            f"backdoored). ASR = fraction of {asr_samples} samples from eps + inverted trigger with per-image MSE "
            "< threshold to the model's true target (config.eval sampler). Seconds include JIT compilation, which the "
            "first model of each detector pays (models of one architecture share the compiled programs).", "",
-           "| detector | n | accuracy | AUROC | TP | FP | TN | FN | mean s/model | mean inverted-trigger ASR | errors |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Fixed tau: each detector's own threshold (BBTI/white-box MSCR > 0.5). LOO-calibrated: model i is flagged "
+           "iff its score exceeds the largest score of the other clean models (leave-one-out; "
+           "`detection.leave_one_out_thresholds`).", "",
+           "| detector | n | accuracy | AUROC | TP | FP | TN | FN | LOO-calibrated accuracy (TP/FP) | mean s/model | "
+           "mean inverted-trigger ASR | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for d in detectors:
     m = summary[d]
+    loo = m.get("loo_calibrated") or {}
+    loo_txt = "-" if loo.get("accuracy") is None else f"{_f(loo['accuracy'])} ({loo['tp']}/{loo['fp']})"
     lines.append(_md_row((d, m.get("n"), m.get("accuracy"), m.get("auroc"), m.get("tp"), m.get("fp"), m.get("tn"),
-                          m.get("fn"), m.get("mean_seconds"), m.get("mean_inverted_asr"), m.get("errors"))))
+                          m.get("fn"), loo_txt, m.get("mean_seconds"), m.get("mean_inverted_asr"), m.get("errors"))))
   lines += ["", "true MSCR = the statistic for the model's true trigger (same noise batch and sampler as the "
             "inversion): what a perfect inversion could reach.", "",
-            "| model | kind | trigger | target | rate | true MSCR | detector | score | threshold | flagged | seconds | "
-            "inverted ASR | MSE | error |", "|" + "---|" * 14]
+            "| model | kind | trigger | target | rate | true MSCR | detector | score | threshold | flagged | "
+            "LOO tau | LOO flagged | seconds | inverted ASR | MSE | error |", "|" + "---|" * 16]
   for r in rows:
     lines.append(_md_row(r.get(k) for k in (
         "model", "kind", "trigger", "target", "poison_rate", "true_mscr", "detector", "score", "threshold",
-        "backdoored", "seconds", "asr", "asr_mse", "error")))
+        "backdoored", "loo_threshold", "loo_flagged", "seconds", "asr", "asr_mse", "error")))
   _write_markdown(path, lines)
 
 
@@ -545,11 +564,7 @@ def _md_row(values) -> str:
 
 
 def _write_markdown(path: str, lines) -> None:
-  """Writes the lines atomically (tmp file + rename), creating the folder."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(path + ".tmp", path)
+  _write_text(path, "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- cleanse

@@ -25,6 +25,13 @@ def test_decide_calibrate_auroc_metrics():
   assert det.calibrate_threshold([0.0, 0.125]) == 0.5               # floored at 0.5
   assert det.calibrate_threshold([0.0, 0.625], margin=0.0625) == pytest.approx(0.6875)
   assert det.calibrate_threshold([0.0, 0.1, 0.2, 0.9], quantile=0.5, floor=0.0) == pytest.approx(0.15)
+  # leave-one-out: each model's tau comes from the other clean models only
+  taus = det.leave_one_out_thresholds([0.0, 0.125, 0.5, 0.0], [False, False, True, False])
+  assert taus == [0.125, 0.0, 0.125, 0.125]
+  assert [det.decide(s, t) for s, t in zip([0.0, 0.125, 0.5, 0.0], taus)] == [False, True, True, False]
+  assert det.leave_one_out_thresholds([0.3], [False]) == [0.0]      # nothing else to calibrate on: floor
+  with pytest.raises(ValueError, match="labels"):
+    det.leave_one_out_thresholds([0.3], [])
   assert det.auroc([0.9, 1.0, 0.1, 0.0], [True, True, False, False]) == 1.0
   assert det.auroc([0.5, 0.5], [True, False]) == 0.5
   assert det.auroc([0.3], [True]) is None
@@ -240,6 +247,10 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   def always(model, cfg, key):
     return det.DetectionResult("always", True, 0.75, 0.5, np.zeros((16, 16, 1)), 4.0, {})
 
+  def low(model, cfg, key):  # below the fixed 0.5 everywhere, but separable: clean 0 or 0.1, backdoored 0.3
+    s = 0.3 if "clean" not in model else (0.1 if model.endswith(("s1", "s3")) else 0.0)
+    return det.DetectionResult("low", s > 0.5, s, 0.5, np.zeros((16, 16, 1)), 1.0, {})
+
   asr_calls = []
 
   def fake_asr(model, trigger, target, eval_cfg, key):
@@ -247,15 +258,23 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
     return dict(asr=0.5, mse=0.01)
 
   from configs.tiny_test import get_config
-  res = zoo.evaluate(str(z), ["perfect", "always"], get_config(), asr_samples=4,
-                     detector_fns=dict(perfect=perfect, always=always), asr_fn=fake_asr, load_fn=lambda p: p,
+  res = zoo.evaluate(str(z), ["perfect", "always", "low"], get_config(), asr_samples=4,
+                     detector_fns=dict(perfect=perfect, always=always, low=low), asr_fn=fake_asr, load_fn=lambda p: p,
                      mscr_fn=lambda model, trig, cfg, key: dict(mscr=0.875, num_excluded=0))
-  p, a = res["summary"]["perfect"], res["summary"]["always"]
+  p, a, lo = res["summary"]["perfect"], res["summary"]["always"], res["summary"]["low"]
   assert p["accuracy"] == 1.0 and p["auroc"] == 1.0 and p["tp"] == 8 and p["fp"] == 0
   assert a["fp"] == 4 and a["accuracy"] == 8 / 12 and a["auroc"] == 0.5 and a["mean_seconds"] == 4.0
-  assert p["mean_inverted_asr"] == 0.5 and asr_calls == [4] * 16
+  assert p["mean_inverted_asr"] == 0.5 and asr_calls == [4] * 24
+  # fixed tau misses every backdoor of `low`; leave-one-out calibration on the clean models separates them, and
+  # cannot rescue `always` (its clean models score as high as the backdoored ones: nothing exceeds them)
+  assert lo["accuracy"] == 4 / 12 and lo["loo_calibrated"] == dict(accuracy=1.0, tp=8, fp=0, tn=4, fn=0)
+  assert a["loo_calibrated"] == dict(accuracy=4 / 12, tp=0, fp=0, tn=4, fn=8)
+  assert p["loo_calibrated"]["accuracy"] == 1.0
+  low_rows = {r["model"]: r for r in res["rows"] if r["detector"] == "low"}
+  assert low_rows["clean-s1"]["loo_threshold"] == 0.1 and not low_rows["clean-s1"]["loo_flagged"]
   md = (z / "results.md").read_text()
-  assert "| perfect | 12 | 1 | 1 | 8 | 0 | 4 | 0 |" in md and "smbox-cat-p0.2" in md
+  assert "| perfect | 12 | 1 | 1 | 8 | 0 | 4 | 0 | 1 (8/0) |" in md and "smbox-cat-p0.2" in md
+  assert "| low | 12 | 0.333 | 1 | 0 | 0 | 4 | 8 | 1 (8/0) |" in md
   assert {r["true_mscr"] for r in res["rows"] if r["kind"] == "backdoor"} == {0.875}
   # cached: a second evaluation calls nothing
   res2 = zoo.evaluate(str(z), ["perfect"], get_config(), asr_samples=4, detector_fns=dict(perfect=None),

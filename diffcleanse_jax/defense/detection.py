@@ -101,6 +101,20 @@ def calibrate_threshold(clean_scores: Sequence[float], quantile: float = 1.0, ma
   return float(max(floor, float(np.quantile(s, quantile)) + margin))
 
 
+def leave_one_out_thresholds(scores: Sequence[float], labels: Sequence[bool], quantile: float = 1.0,
+                             margin: float = 0.0, floor: float = 0.0) -> list[float]:
+  """Per-model thresholds calibrated on the *other* clean models (labels False): tau_i =
+  calibrate_threshold(clean scores except model i's, quantile, margin, floor). A model is never judged with a
+  threshold its own score helped to set; a clean model with no other clean model to calibrate on gets `floor`.
+  Used by the zoo benchmark to report a clean-calibrated decision beside the fixed tau."""
+  s = [float(x) for x in scores]
+  y = [bool(v) for v in labels]
+  if len(s) != len(y):
+    raise ValueError(f"leave_one_out_thresholds: {len(s)} scores but {len(y)} labels")
+  return [calibrate_threshold([s[j] for j in range(len(s)) if j != i and not y[j]], quantile, margin, floor)
+          for i in range(len(s))]
+
+
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
   """Area under the ROC curve (Mann-Whitney U; ties count 1/2). labels: True = backdoored. None if a class is
   missing."""
