@@ -400,7 +400,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
              cached_only: bool = False, only: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs every detector on every finished zoo model; writes results.md / results.json; returns the summary.
   Also records, per backdoored model, the MSCR of its *true* trigger under the inversion's sampler (`true_mscr`:
-  the statistic's ceiling for that model; mscr_fn=False skips it). cached_only: compute nothing, tabulate the
+  the statistic's ceiling for that model) and the ASR of the true trigger (`true_asr`: the backdoor's strength,
+  with asr_fn); mscr_fn=False skips both. cached_only: compute nothing, tabulate the
   cached results made with these settings (missing ones are left out of the table). only: these model names."""
   import jax
 
@@ -438,6 +439,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   fingerprint = _settings_digest(dict(seed=config.seed, inversion=inversion_fields("bbti")))  # true-trigger MSCR
   rows: list[dict[str, Any]] = []
   true_mscr: dict[str, Any] = {}
+  true_asr: dict[str, Any] = {}
+  asr_fingerprint = _settings_digest(dict(seed=config.seed, eval=eval_cfg))
   for e in entries:
     mdir = os.path.join(zoo_dir, "models", e.name)
     model = None
@@ -456,6 +459,21 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
         except Exception as err:  # noqa: BLE001
           logging.error("zoo evaluate: true-trigger MSCR of %s failed: %s", e.name, err)
       true_mscr[e.name] = None if got is None else got.get("mscr")
+      # the backdoor's strength: ASR of the true trigger under config.eval (what removal must take to <= 0.05)
+      tcache = os.path.join(zoo_dir, "results", "true_trigger", e.name + ".asr.json")
+      got = None if recompute else _read_json(tcache)
+      if got is not None and got.get("settings") != asr_fingerprint:
+        got = None
+      y = true_target(mdir)
+      if got is None and os.path.isfile(tpath) and y is not None and asr_samples > 0 and not cached_only:
+        try:
+          model = model or load_fn(mdir)
+          m = asr_fn(model, np.load(tpath).astype(np.float32), y, eval_cfg, jax.random.fold_in(key, 2))
+          got = dict(asr=m.get("asr"), mse=m.get("mse"), settings=asr_fingerprint)
+          _write_json(tcache, got)
+        except Exception as err:  # noqa: BLE001
+          logging.error("zoo evaluate: true-trigger ASR of %s failed: %s", e.name, err)
+      true_asr[e.name] = None if got is None else got.get("asr")
     for det_name in detectors:
       rdir = os.path.join(zoo_dir, "results", det_name, e.name)
       cached = None if recompute else _read_json(os.path.join(rdir, "result.json"))
@@ -495,6 +513,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
                    row["backdoored"], row["asr"], None if row["seconds"] is None else round(row["seconds"], 1))
   for r in rows:
     r["true_mscr"] = true_mscr.get(r["model"], r.get("true_mscr"))
+    r["true_asr"] = true_asr.get(r["model"], r.get("true_asr"))
   summary = {}
   for det_name in detectors:
     rs = [r for r in rows if r["detector"] == det_name and r["error"] is None and r["score"] is not None]
@@ -514,7 +533,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
     summary[det_name] = m
   out = out or os.path.join(zoo_dir, "results.md")
   _write_results(out, rows, summary, detectors, asr_samples)
-  _write_json(os.path.splitext(out)[0] + ".json", dict(summary=summary, rows=rows, true_trigger_mscr=true_mscr))
+  _write_json(os.path.splitext(out)[0] + ".json", dict(summary=summary, rows=rows, true_trigger_mscr=true_mscr,
+                                                       true_trigger_asr=true_asr))
   logging.info("wrote %s", out)
   return dict(summary=summary, rows=rows)
 
@@ -548,12 +568,13 @@ def _write_results(path: str, rows, summary, detectors, asr_samples) -> None:
     lines.append(_md_row((d, m.get("n"), m.get("accuracy"), m.get("auroc"), m.get("tp"), m.get("fp"), m.get("tn"),
                           m.get("fn"), loo_txt, m.get("mean_seconds"), m.get("mean_inverted_asr"), m.get("errors"))))
   lines += ["", "true MSCR = the statistic for the model's true trigger (same noise batch and sampler as the "
-            "inversion): what a perfect inversion could reach.", "",
-            "| model | kind | trigger | target | rate | true MSCR | detector | score | threshold | flagged | "
-            "LOO tau | LOO flagged | seconds | inverted ASR | MSE | error |", "|" + "---|" * 16]
+            "inversion): what a perfect inversion could reach. true ASR = the ASR of the true trigger (same "
+            "samples count and sampler as the inverted-trigger ASR): the backdoor's strength.", "",
+            "| model | kind | trigger | target | rate | true ASR | true MSCR | detector | score | threshold | flagged | "
+            "LOO tau | LOO flagged | seconds | inverted ASR | MSE | error |", "|" + "---|" * 17]
   for r in rows:
     lines.append(_md_row(r.get(k) for k in (
-        "model", "kind", "trigger", "target", "poison_rate", "true_mscr", "detector", "score", "threshold",
+        "model", "kind", "trigger", "target", "poison_rate", "true_asr", "true_mscr", "detector", "score", "threshold",
         "backdoored", "loo_threshold", "loo_flagged", "seconds", "asr", "asr_mse", "error")))
   _write_markdown(path, lines)
 

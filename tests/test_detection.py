@@ -264,7 +264,7 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   p, a, lo = res["summary"]["perfect"], res["summary"]["always"], res["summary"]["low"]
   assert p["accuracy"] == 1.0 and p["auroc"] == 1.0 and p["tp"] == 8 and p["fp"] == 0
   assert a["fp"] == 4 and a["accuracy"] == 8 / 12 and a["auroc"] == 0.5 and a["mean_seconds"] == 4.0
-  assert p["mean_inverted_asr"] == 0.5 and asr_calls == [4] * 24
+  assert p["mean_inverted_asr"] == 0.5 and asr_calls == [4] * (24 + 8)  # 3 detectors + the true triggers
   # fixed tau misses every backdoor of `low`; leave-one-out calibration on the clean models separates them, and
   # cannot rescue `always` (its clean models score as high as the backdoored ones: nothing exceeds them)
   assert lo["accuracy"] == 4 / 12 and lo["loo_calibrated"] == dict(accuracy=1.0, tp=8, fp=0, tn=4, fn=0)
@@ -276,6 +276,8 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   assert "| perfect | 12 | 1 | 1 | 8 | 0 | 4 | 0 | 1 (8/0) |" in md and "smbox-cat-p0.2" in md
   assert "| low | 12 | 0.333 | 1 | 0 | 0 | 4 | 8 | 1 (8/0) |" in md
   assert {r["true_mscr"] for r in res["rows"] if r["kind"] == "backdoor"} == {0.875}
+  assert {r["true_asr"] for r in res["rows"] if r["kind"] == "backdoor"} == {0.5}
+  assert {r["true_asr"] for r in res["rows"] if r["kind"] == "clean"} == {None}
   # cached: a second evaluation calls nothing
   res2 = zoo.evaluate(str(z), ["perfect"], get_config(), asr_samples=4, detector_fns=dict(perfect=None),
                       asr_fn=None, load_fn=None)
