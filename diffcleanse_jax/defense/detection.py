@@ -12,7 +12,10 @@ Calibration (`calibrate_threshold`): tau = max(floor, quantile_q(clean scores) +
 largest clean score), margin = 0, floor = 0.5. Because the rule is strict (score > tau), tau = max clean score
 already classifies every calibration model as clean; the floor keeps tau from dropping below the paper's
 majority rule when the clean models all score 0 (an MSCR of 1/B or 2/B is then still "clean"). Use margin > 0
-(e.g. 1/B) for headroom against unseen clean models, a quantile < 1 to tolerate outliers.
+(e.g. 1/B) for headroom against unseen clean models, a quantile < 1 to tolerate outliers. To *measure* a
+calibrated rule on a benchmark without judging a model by a threshold it helped to set,
+`leave_one_out_thresholds` gives each model the threshold calibrated on the other clean models (the zoo
+benchmark reports it with floor 0: flagged iff the score exceeds every other clean model's score).
 
 Known blind spot (by the reference's design): outputs whose whole-image mean is <= 0.01 or >= 0.99 take part
 in no pair, so a backdoor that collapses to a (near-)black or white image scores MSCR 0 even with the true
