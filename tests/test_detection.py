@@ -140,15 +140,20 @@ def test_scan_mode_turns_broken_folders_into_error_rows(tiny_model_dir, tmp_path
 
 
 # ------------------------------------------------------------------------------------------- benchmarks/zoo.py
-def _zoo():
+def _benchmark(name):
+  """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
   import importlib.util
-  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "zoo.py")
-  spec = importlib.util.spec_from_file_location("zoo_under_test", path)
-  mod = importlib.util.module_from_spec(spec)
   import sys
+  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", name + ".py")
+  spec = importlib.util.spec_from_file_location(name + "_under_test", path)
+  mod = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = mod  # dataclasses look their module up
   spec.loader.exec_module(mod)
   return mod
+
+
+def _zoo():
+  return _benchmark("zoo")
 
 
 def test_zoo_build_logic_with_mocked_training(tmp_path):
@@ -351,3 +356,18 @@ def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
   calls.clear()
   zoo.cleanse_zoo(str(z2), ["diffcleanse"], get_config(), cleanse_fn=fake_cleanse)
   assert [c[:3] for c in calls] == [("smbox-cat-p0.2", "diffcleanse", True)]
+
+
+def test_detect_time_benchmark_times_a_real_detect_run(tiny_model_dir, tmp_path):
+  bench = _benchmark("detect_time")
+  out = tmp_path / "t.json"
+  rc = bench.main(["--model", str(tiny_model_dir / "good"), "--config", "configs/tiny_test.py", "--out", str(out),
+                   "--set", "inversion.batch_size=4", "--set", "inversion.num_steps=2",
+                   "--set", "inversion.max_epochs=1", "--set", "detection.num_images=4"])
+  row = json.load(open(out))["rows"][0]
+  assert rc == 0 and row["returncode"] == 0 and row["method"] == "bbti"
+  assert row["wall_seconds"] >= row["detector_seconds"] > 0 and row["backdoored"] == (row["score"] > 0.5)
+  # a broken model folder is a failed row with the error, not a crash of the benchmark
+  rc = bench.main(["--model", str(tmp_path / "missing"), "--config", "configs/tiny_test.py", "--out", str(out)])
+  row = json.load(open(out))["rows"][0]
+  assert rc == 1 and row["returncode"] != 0 and row["error"]
