@@ -91,8 +91,9 @@ class ZooEntry:
 # Step budgets (2-core CPU: ~4.7 steps/s, so 12,000 steps ~ 43 min). The backdoor becomes exact with the number of
 # *poisoned* examples seen and an annealed learning rate (docs/RESULTS.md pilots: BOX_14 -> HAT at poison 0.1 had
 # ASR ~0.5 after 6,000 steps, 1.0 after 12,000), so poison 0.2 gets 6,000 steps (as many poisoned examples as 12,000
-# at 0.1) and poison 0.05 4,000 (a sixth as many poisoned examples: weak backdoors, hard cases for detection; the
-# recipe's 12,000 steps would cost ~30 more minutes per model on 2 cores; the true ASR of every entry is measured). The clean controls are 3,000-step clean fine-tunes of the base: clean models of another training
+# at 0.1) and poison 0.05 4,000 (a sixth as many poisoned examples; cut to fit a session). Measured: at 4,000 steps
+# the poison-0.05 backdoors do not take (box14-shoe true ASR 0, smbox-corner 0.19; docs/RESULTS.md): set 0.05 to 0
+# (the 12,000-step recipe) and rebuild those entries before judging detection on them. The clean controls are 3,000-step clean fine-tunes of the base: clean models of another training
 # length than the attacked ones, negative controls for detection.
 CLEAN_STEPS = 3000
 POISON_STEPS = {0.2: 6000, 0.1: 0, 0.05: 4000}
