@@ -15,23 +15,16 @@ with the machine, date and exact commands.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _loadavg() -> float | None:
-  try:
-    return round(os.getloadavg()[0], 2)
-  except OSError:
-    return None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from unet_throughput import load1, machine_info  # noqa: E402  (benchmarks/ is not a package)
 
 
 def time_detection(model: str, method: str, config: str, overrides: list[str], python: str = sys.executable) -> dict:
@@ -39,11 +32,11 @@ def time_detection(model: str, method: str, config: str, overrides: list[str], p
   with tempfile.TemporaryDirectory(prefix="detect_time_") as work:
     cmd = [python, os.path.join(_ROOT, "launch.py"), f"--config={config}", "--mode=detect", f"--model={model}",
            f"--workdir={work}", f"--config.detection.method={method}"] + [f"--config.{o}" for o in overrides]
-    load0 = _loadavg()
+    load0 = load1()
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True)
     wall = time.time() - t0
-    row = dict(model=model, method=method, wall_seconds=round(wall, 1), load_before=load0, load_after=_loadavg(),
+    row = dict(model=model, method=method, wall_seconds=round(wall, 1), load_before=load0, load_after=load1(),
                command=" ".join(cmd[1:]).replace(work, "TMP"), returncode=proc.returncode)
     report = os.path.join(work, "detection.json")
     if proc.returncode != 0 or not os.path.isfile(report):
@@ -75,9 +68,7 @@ def main(argv=None) -> int:
           f"{str(r['backdoored']):>8s} {r['load_before']}->{r['load_after']}")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
-                   rows=rows), f, indent=2)
+    json.dump(dict(machine=machine_info(), rows=rows), f, indent=2)
   print(f"wrote {args.out}")
   return 0 if all("error" not in r for r in rows) else 1
 

@@ -52,6 +52,7 @@ import argparse
 import ast
 import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -93,8 +94,9 @@ class ZooEntry:
 # ASR ~0.5 after 6,000 steps, 1.0 after 12,000), so poison 0.2 gets 6,000 steps (as many poisoned examples as 12,000
 # at 0.1) and poison 0.05 4,000 (a sixth as many poisoned examples; cut to fit a session). Measured: at 4,000 steps
 # the poison-0.05 backdoors do not take (box14-shoe true ASR 0, smbox-corner 0.19; docs/RESULTS.md): set 0.05 to 0
-# (the 12,000-step recipe) and rebuild those entries before judging detection on them. The clean controls are 3,000-step clean fine-tunes of the base: clean models of another training
-# length than the attacked ones, negative controls for detection.
+# (the 12,000-step recipe) and rebuild those entries before judging detection on them. The clean controls are
+# 3,000-step clean fine-tunes of the base: clean models of another training length than the attacked ones,
+# negative controls for detection.
 CLEAN_STEPS = 3000
 POISON_STEPS = {0.2: 6000, 0.1: 0, 0.05: 4000}
 
@@ -395,6 +397,27 @@ def _default_load_fn(path: str):
   return load_model_dir(path)
 
 
+def _cached_record(path: str, settings: str, compute: Callable[[], dict | None] | None, recompute: bool,
+                   cached_only: bool, what: str) -> dict | None:
+  """The JSON record at `path` if it was made with `settings`; otherwise compute() (None = nothing to compute),
+  stored with its settings. None when there is no valid record and cached_only, no compute, or it failed (logged)."""
+  got = None if recompute else _read_json(path)
+  if got is not None and got.get("settings") == settings:
+    return got
+  if compute is None or cached_only:
+    return None
+  try:
+    got = compute()
+    if got is None:
+      return None
+    got = dict(got, settings=settings)
+    _write_json(path, got)
+  except Exception as err:  # noqa: BLE001 - record and go on
+    logging.error("zoo evaluate: %s failed: %s", what, err)
+    return None
+  return got
+
+
 def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = None, asr_samples: int = 16,
              detector_fns: dict[str, Callable] | None = None, asr_fn: Callable | None = None,
              load_fn: Callable | None = None, recompute: bool = False, mscr_fn: Callable | bool | None = None,
@@ -444,36 +467,32 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   asr_fingerprint = _settings_digest(dict(seed=config.seed, eval=eval_cfg))
   for e in entries:
     mdir = os.path.join(zoo_dir, "models", e.name)
-    model = None
+    # loaded at most once per model, on first use (a failed load is retried by the next user)
+    get_model = functools.cache(functools.partial(load_fn, mdir))
+    get_target = functools.cache(functools.partial(true_target, mdir))
     if e.backdoored and mscr_fn is not False:
-      cache = os.path.join(zoo_dir, "results", "true_trigger", e.name + ".json")
-      got = None if recompute else _read_json(cache)
-      if got is not None and got.get("settings") != fingerprint:
-        got = None
       tpath = os.path.join(mdir, "trigger.npy")
-      if got is None and os.path.isfile(tpath) and not cached_only:
-        try:
-          model = model or load_fn(mdir)
-          m = (mscr_fn or _default_mscr_fn)(model, np.load(tpath), config, key)
-          got = dict(mscr=m["mscr"], num_excluded=m.get("num_excluded"), settings=fingerprint)
-          _write_json(cache, got)
-        except Exception as err:  # noqa: BLE001
-          logging.error("zoo evaluate: true-trigger MSCR of %s failed: %s", e.name, err)
+      tdir = os.path.join(zoo_dir, "results", "true_trigger")
+      has_trigger = os.path.isfile(tpath)
+
+      def true_mscr_record():
+        m = (mscr_fn or _default_mscr_fn)(get_model(), np.load(tpath), config, key)
+        return dict(mscr=m["mscr"], num_excluded=m.get("num_excluded"))
+
+      def true_asr_record():  # the backdoor's strength under config.eval (what removal must take to <= 0.05)
+        y = get_target()
+        if y is None:
+          return None
+        m = asr_fn(get_model(), np.load(tpath).astype(np.float32), y, eval_cfg, jax.random.fold_in(key, 2))
+        return dict(asr=m.get("asr"), mse=m.get("mse"))
+
+      got = _cached_record(os.path.join(tdir, e.name + ".json"), fingerprint,
+                           true_mscr_record if has_trigger else None, recompute, cached_only,
+                           f"true-trigger MSCR of {e.name}")
       true_mscr[e.name] = None if got is None else got.get("mscr")
-      # the backdoor's strength: ASR of the true trigger under config.eval (what removal must take to <= 0.05)
-      tcache = os.path.join(zoo_dir, "results", "true_trigger", e.name + ".asr.json")
-      got = None if recompute else _read_json(tcache)
-      if got is not None and got.get("settings") != asr_fingerprint:
-        got = None
-      y = true_target(mdir)
-      if got is None and os.path.isfile(tpath) and y is not None and asr_samples > 0 and not cached_only:
-        try:
-          model = model or load_fn(mdir)
-          m = asr_fn(model, np.load(tpath).astype(np.float32), y, eval_cfg, jax.random.fold_in(key, 2))
-          got = dict(asr=m.get("asr"), mse=m.get("mse"), settings=asr_fingerprint)
-          _write_json(tcache, got)
-        except Exception as err:  # noqa: BLE001
-          logging.error("zoo evaluate: true-trigger ASR of %s failed: %s", e.name, err)
+      got = _cached_record(os.path.join(tdir, e.name + ".asr.json"), asr_fingerprint,
+                           true_asr_record if has_trigger and asr_samples > 0 else None, recompute, cached_only,
+                           f"true-trigger ASR of {e.name}")
       true_asr[e.name] = None if got is None else got.get("asr")
     for det_name in detectors:
       rdir = os.path.join(zoo_dir, "results", det_name, e.name)
@@ -489,7 +508,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
                  detector=det_name, settings=digest(det_name), score=None, threshold=None, backdoored=None, seconds=None, asr=None,
                  asr_mse=None, error=None)
       try:
-        model = model or load_fn(mdir)
+        model = get_model()
         t0 = time.time()
         res = detector_fns[det_name](model, config, key)
         row.update(score=None if res.score is None else float(res.score),
@@ -500,7 +519,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
         _write_json(os.path.join(rdir, "detection.json"), res.to_json())
         if res.trigger is not None:
           np.save(os.path.join(rdir, "trigger.npy"), np.asarray(res.trigger, np.float32))
-        y = true_target(mdir) if e.backdoored else None
+        y = get_target() if e.backdoored else None
         if y is not None and res.trigger is not None and asr_samples > 0:
           m = asr_fn(model, np.asarray(res.trigger, np.float32), y, eval_cfg, jax.random.fold_in(key, 1))
           row.update(asr=m.get("asr"), asr_mse=m.get("mse"))
