@@ -92,13 +92,13 @@ class ZooEntry:
 # Step budgets (2-core CPU: ~4.7 steps/s, so 12,000 steps ~ 43 min). The backdoor becomes exact with the number of
 # *poisoned* examples seen and an annealed learning rate (docs/RESULTS.md pilots: BOX_14 -> HAT at poison 0.1 had
 # ASR ~0.5 after 6,000 steps, 1.0 after 12,000), so poison 0.2 gets 6,000 steps (as many poisoned examples as 12,000
-# at 0.1) and poison 0.05 4,000 (a sixth as many poisoned examples; cut to fit a session). Measured: at 4,000 steps
-# the poison-0.05 backdoors do not take (box14-shoe true ASR 0, smbox-corner 0.19; docs/RESULTS.md): set 0.05 to 0
-# (the 12,000-step recipe) and rebuild those entries before judging detection on them. The clean controls are
+# at 0.1) and poison 0.05 the 12,000-step recipe (half as many poisoned examples). Measured: a first 4,000-step
+# budget for poison 0.05 did not take (box14-shoe true ASR 0, smbox-corner 0.19; docs/RESULTS.md), so those entries
+# were rebuilt with 12,000 steps. The clean controls are
 # 3,000-step clean fine-tunes of the base: clean models of another training length than the attacked ones,
 # negative controls for detection.
 CLEAN_STEPS = 3000
-POISON_STEPS = {0.2: 6000, 0.1: 0, 0.05: 4000}
+POISON_STEPS = {0.2: 6000, 0.1: 0, 0.05: 0}
 
 
 def zoo_entries() -> list[ZooEntry]:
@@ -418,6 +418,9 @@ def _cached_record(path: str, settings: str, compute: Callable[[], dict | None] 
   return got
 
 
+MSCR_DETECTORS = ("bbti", "whitebox")  # decided by config.detection.threshold on a cached score
+
+
 def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = None, asr_samples: int = 16,
              detector_fns: dict[str, Callable] | None = None, asr_fn: Callable | None = None,
              load_fn: Callable | None = None, recompute: bool = False, mscr_fn: Callable | bool | None = None,
@@ -447,9 +450,12 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
                   clean=False)
   key = jax.random.key(int(config.seed))
   # Cached results are reused only if made with the same settings: a digest of what each detector reads
-  # (BBTI/white-box: config.inversion + detection threshold; Elijah/TERD: their detection sub-section) + eval.
+  # (BBTI/white-box: config.inversion; Elijah/TERD: their detection sub-section) + eval. The MSCR detectors'
+  # threshold only decides, so it is not in the digest: their cached scores are re-decided under the current
+  # config.detection.threshold (a recalibrated tau needs no new inversions).
   det_cfg = config.detection.to_dict() if hasattr(config.detection, "to_dict") else dict(config.detection)
-  common = {k: v for k, v in det_cfg.items() if not isinstance(v, dict)}
+  common = {k: v for k, v in det_cfg.items() if not isinstance(v, dict) and k != "threshold"}
+  mscr_tau = float(det_cfg.get("threshold", 0.5))
   from diffcleanse_jax.defense.inversion import InversionSettings
 
   def inversion_fields(method):  # the resolved settings, without the other method's knobs
@@ -532,6 +538,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
       logging.info("zoo evaluate: %s / %s: score %s backdoored %s asr %s (%s s)", e.name, det_name, row["score"],
                    row["backdoored"], row["asr"], None if row["seconds"] is None else round(row["seconds"], 1))
   for r in rows:
+    if r["detector"] in MSCR_DETECTORS and r.get("score") is not None:
+      r["threshold"], r["backdoored"] = mscr_tau, decide(r["score"], mscr_tau)
     r["true_mscr"] = true_mscr.get(r["model"], r.get("true_mscr"))
     r["true_asr"] = true_asr.get(r["model"], r.get("true_asr"))
   summary = {}
@@ -575,7 +583,8 @@ def _write_results(path: str, rows, summary, detectors, asr_samples) -> None:
            f"backdoored). ASR = fraction of {asr_samples} samples from eps + inverted trigger with per-image MSE "
            "< threshold to the model's true target (config.eval sampler). Seconds include JIT compilation, which the "
            "first model of each detector pays (models of one architecture share the compiled programs).", "",
-           "Fixed tau: each detector's own threshold (BBTI/white-box MSCR > 0.5). LOO-calibrated: model i is flagged "
+           "Fixed tau: each detector's own threshold (BBTI/white-box: MSCR > config.detection.threshold, the "
+           "`threshold` column). LOO-calibrated: model i is flagged "
            "iff its score exceeds the largest score of the other clean models (leave-one-out; "
            "`detection.leave_one_out_thresholds`).", "",
            "| detector | n | accuracy | AUROC | TP | FP | TN | FN | LOO-calibrated accuracy (TP/FP) | mean s/model | "

@@ -24,6 +24,13 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   fm1 0 with both. White-box compile time grows with the unrolled chain, so white-box uses DDPM-20
   (inversion.whitebox_num_steps; BBTI keeps DDPM-100).
 * Elijah's detection sampler: DDPM-100 instead of DDIM-50, for the same reason (see get_config).
+* threshold tau = 1/16 (flagged iff at least one pair of the 16 outputs collapses, cos > 0.999, at some epoch)
+  instead of the paper's 0.5, calibrated on clean models as `detection.calibrate_threshold(clean, margin=1/B,
+  floor=0)`: the largest clean MSCR plus one sample. Clean MSCR measured: 0 at every one of 30 epochs on the zoo's
+  clean-s1..s4 with BBTI and with white-box, and on the base runs/fmnist with BBTI (docs/RESULTS.md, "Detection
+  zoo"). |T| is 0 or >= 2, so the smallest MSCR that is not clean is 2/16. At tau 0.5, 2 of the 5
+  firing zoo backdoors were missed by each method. Their MSCR peaked at 2-9 of 16 before the oscillating Adam
+  walk moved away again.
 """
 from configs.common import base_config
 
@@ -38,6 +45,7 @@ def get_config():
   # Elijah's detection samples 16 images from noise + its inverted trigger: with its default DDIM-50 (an ODE
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
   # 0.28, missed), so these models are checked with the chain BBTI uses, DDPM-100.
+  c.detection.threshold = 1.0 / 16  # clean-calibrated (module docstring); the paper's majority rule is 0.5
   c.detection.elijah.sampler = "ddpm"
   c.detection.elijah.sampler_steps = 100
   return c

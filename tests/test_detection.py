@@ -298,6 +298,16 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   res3 = zoo.evaluate(str(z), ["perfect", "always"], other, asr_samples=0, cached_only=True,
                       detector_fns=dict(perfect=None, always=None), load_fn=None, mscr_fn=False)
   assert res3["summary"]["perfect"]["n"] == 12 and res3["summary"]["always"]["n"] == 0
+  # an MSCR detector's cached score is re-decided under a recalibrated threshold, without running it again
+  zoo.evaluate(str(z), ["bbti"], get_config(), asr_samples=0, load_fn=lambda p: p, mscr_fn=False,
+               detector_fns=dict(bbti=low))
+  recal = get_config()
+  recal.detection.threshold = 0.2
+  res4 = zoo.evaluate(str(z), ["bbti"], recal, asr_samples=0, load_fn=None, mscr_fn=False,
+                      detector_fns=dict(bbti=None))
+  b4 = res4["summary"]["bbti"]
+  assert b4["accuracy"] == 1.0 and b4["tp"] == 8 and b4["fp"] == 0
+  assert {r["threshold"] for r in res4["rows"]} == {0.2}
 
 
 def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):

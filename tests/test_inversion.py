@@ -1,6 +1,7 @@
 """Diff-Cleanse stage 1 trigger inversion (defense/inversion.py): STE, sets, losses, gradient transport,
 the code-bug drift, vmapped restarts/models, white-box gradients. Toy analytic eps functions keep it fast."""
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,10 @@ def test_target_sets_on_constructed_images():
   assert int(s2.count) == 0
   total, parts = inv.image_loss(diverse, s2)
   cos = np.asarray(inv.cosine_matrix(diverse))
+  # the margin diagnostic: largest cosine over the considered pairs (excluded images take part in none)
+  np.testing.assert_allclose(s2.max_cos, max(cos[0, 1], cos[0, 2], cos[1, 2]), rtol=1e-6)
+  assert float(sets.max_cos) > 0.999
+  assert float(inv.target_sets(jnp.asarray(imgs[[1, 5, 6]])).max_cos) == -1.0  # all excluded: no pair
   np.testing.assert_allclose(parts.sim, (1 - cos[0, 1]) + (1 - cos[0, 2]) + (1 - cos[1, 2]), rtol=1e-5)
   assert float(parts.ent_weight) == 20.0 and float(parts.sim_weight) == 1.0  # B/|R| = 3/3
 
@@ -181,6 +186,9 @@ def test_bbti_inverts_the_toy_backdoor():
   box = np.asarray(toy_params(3.0)["region"]) > 0
   assert float(res.trigger[box].mean()) > 3.0   # the inverted box is bright enough to fire
   assert res.trigger.shape == (S, S, 1) and res.history["updated"][0]
+  # per-epoch margin to the collapse threshold: above it exactly at the epochs where T is non-empty
+  assert len(res.history["max_pair_cos"]) == res.epochs
+  assert [c > 0.999 for c in res.history["max_pair_cos"]] == [m > 0 for m in res.mscr_per_epoch]
 
 
 def test_trigger_mscr_of_a_given_trigger():
@@ -192,9 +200,34 @@ def test_trigger_mscr_of_a_given_trigger():
   assert inv.trigger_mscr(model, np.zeros((S, S, 1)), dict(sampler="ddim", num_steps=10))["mscr"] == 0.0
 
 
+def test_stop_mscr_and_fresh_noise_refinement():
+  params = toy_params(3.0)
+  full = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, toy_settings(), jax.random.key(0))[0]
+  s = toy_settings(stop_mscr=0.25, refine_epochs=4)
+  res = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, s, jax.random.key(0))[0]
+  # stops at the first epoch with |T| >= 4 of 16 (the same trajectory as the full run up to there)
+  first = next(i for i, m in enumerate(full.mscr_per_epoch) if m >= 0.25)
+  assert res.epochs == first + 1 and res.mscr_per_epoch == full.mscr_per_epoch[:first + 1]
+  assert len(res.history["refine_mscr"]) == 4 and res.to_json()["refined"]
+  assert np.abs(res.trigger - res.unrefined_trigger).max() > 0   # refinement moved the pattern
+  assert res.best_mscr == max(res.mscr_per_epoch)                # the score is the main loop's
+  model = types.SimpleNamespace(apply=ToyEps(), params=params, image_shape=(S, S, 1), scheduler_config=SCHED)
+  fresh = inv.trigger_mscr(model, res.trigger, dict(sampler="ddim", num_steps=10), jax.random.key(77))
+  assert fresh["mscr"] == 1.0                                    # the refined trigger fires on other noise
+  # nothing collapsed (no backdoor): the refinement leaves the pattern alone
+  clean = inv.run_inversion(ToyEps(), toy_params(1e9), (S, S, 1), SCHED, toy_settings(max_epochs=3, refine_epochs=2),
+                            jax.random.key(0))[0]
+  assert clean.best_mscr == 0.0 and "refine_mscr" not in clean.history and not clean.to_json()["refined"]
+  np.testing.assert_array_equal(clean.trigger, clean.last_trigger)
+  with pytest.raises(inv.InversionError, match="stop_mscr"):
+    toy_settings(stop_mscr=0.0).validate()
+  with pytest.raises(inv.InversionError, match="refine_epochs"):
+    toy_settings(refine_epochs=-1).validate()
+
+
 def test_vmapped_restarts_equal_one_by_one():
   params = toy_params(3.0)
-  s = toy_settings(restarts=3, max_epochs=8)
+  s = toy_settings(restarts=3, max_epochs=8, refine_epochs=2)
   key = jax.random.key(5)
   joint = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, s, key)[0]
   p0 = inv.initial_patterns(key, 3, (S, S, 1))
@@ -206,6 +239,7 @@ def test_vmapped_restarts_equal_one_by_one():
   np.testing.assert_allclose(joint.mscr_per_epoch, best.mscr_per_epoch)
   np.testing.assert_allclose(joint.history["loss"], best.history["loss"], rtol=1e-5)
   assert joint.best_mscr == max(r.best_mscr for r in single)
+  assert len(joint.history.get("refine_mscr", [])) == (2 if joint.best_mscr > 0 else 0)
 
 
 def test_invert_many_two_tiny_models_matches_one_by_one():

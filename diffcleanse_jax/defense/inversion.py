@@ -33,7 +33,17 @@ Documented deviations from the reference code: cosine and norms use a 1e-12 floo
 all-zero image); the *best trigger* is the pattern g that produced the largest |T| (the code stores the
 parameter after that epoch's update); when no epoch ever had |T| > 0 the trigger is the last evaluated g.
 Options beyond the reference (defaults off): `init_mean`/`init_std` for p_0 (the reference's N(0,1) gives
-g_0 ~ N(1, 4), which sends every output of the Fashion-MNIST models to black at epoch 0), `restarts`.
+g_0 ~ N(1, 4), which sends every output of the Fashion-MNIST models to black at epoch 0), `restarts`,
+`stop_mscr` (a restart stops once |T|/B >= stop_mscr; 1.0 = the code's |T| = B) and `refine_epochs`.
+
+Refinement (`refine_epochs` = K > 0): the main loop fits the pattern to one fixed noise batch, and a collapse of
+those 16 noises does not always carry over to fresh noise and the model's own long chain. After the loop, every
+restart that collapsed (best |T| > 0) continues from its best pattern for K more epochs with the same losses,
+gradient and a fresh Adam, but with a *fresh* noise batch and fresh sampler noise every epoch (a stochastic
+optimisation of the same objective over the noise distribution). The refined trigger is the last refined pattern
+(the best-by-|T| of noisy batches would be a selection-biased pick). Restarts without any collapse are left as
+they are. The MSCR score is the main loop's, so detection does not depend on K; the per-epoch |T|/B of the
+refinement is reported as history['refine_mscr'].
 """
 from __future__ import annotations
 
@@ -90,6 +100,8 @@ class InversionSettings:
   whitebox_remat: bool = True       # whitebox: jax.checkpoint per sampler step
   whitebox_num_steps: int = 0       # whitebox: its own (shorter) chain, > 0 replaces num_steps; 0 = num_steps
   log_every: int = 10               # log a progress line every N epochs (0 = never)
+  stop_mscr: float = 1.0            # a restart stops once |T|/B >= this (1.0: |T| = B, the code)
+  refine_epochs: int = 0            # K fresh-noise epochs from the best pattern after the loop (module doc)
 
   def validate(self) -> "InversionSettings":
     if self.method not in METHODS:
@@ -100,6 +112,10 @@ class InversionSettings:
       raise InversionError(f"inversion.batch_size={self.batch_size} must be >= 2 (pairs of samples)")
     if self.num_steps < 1 or self.max_epochs < 1 or self.restarts < 1:
       raise InversionError("inversion.num_steps, max_epochs and restarts must be >= 1")
+    if not 0.0 < self.stop_mscr <= 1.0:
+      raise InversionError(f"inversion.stop_mscr={self.stop_mscr} must be in (0, 1]")
+    if self.refine_epochs < 0:
+      raise InversionError(f"inversion.refine_epochs={self.refine_epochs} must be >= 0")
     return self
 
   @classmethod
@@ -195,6 +211,7 @@ class TargetSets(NamedTuple):
   in_t: jax.Array       # (B,) target set T
   anchor: jax.Array     # () min index of T (0 when T is empty)
   count: jax.Array      # () |T|
+  max_cos: jax.Array    # () largest cosine over the considered pairs (-1 when none): the margin to the threshold
 
 
 def target_sets(images01: jax.Array, sim_threshold: float = 0.999, black: float = 0.01,
@@ -206,10 +223,12 @@ def target_sets(images01: jax.Array, sim_threshold: float = 0.999, black: float 
   excluded = (m <= black) | (m >= white)
   upper = jnp.triu(jnp.ones((b, b), bool), k=1)
   pair_ok = upper & ~excluded[:, None] & ~excluded[None, :]
-  edges = pair_ok & (cosine_matrix(x) > sim_threshold)
+  cos = cosine_matrix(x)
+  edges = pair_ok & (cos > sim_threshold)
   in_t = jnp.any(edges | edges.T, axis=1)
   anchor = jnp.argmax(in_t)  # first True, 0 if none
-  return TargetSets(excluded, pair_ok, edges, in_t, anchor, jnp.sum(in_t).astype(jnp.int32))
+  max_cos = jnp.max(jnp.where(pair_ok, cos, -1.0))
+  return TargetSets(excluded, pair_ok, edges, in_t, anchor, jnp.sum(in_t).astype(jnp.int32), max_cos)
 
 
 class LossParts(NamedTuple):
@@ -319,6 +338,7 @@ class EpochMetrics(NamedTuple):
   num_excluded: jax.Array
   anchor_entropy: jax.Array
   grad_norm: jax.Array
+  max_pair_cos: jax.Array  # largest pairwise cosine of the considered outputs (how close to a collapse)
 
 
 def _adam(s: InversionSettings):
@@ -385,7 +405,7 @@ def _epoch(eps_fn, schedule: Schedule, scfg: samplers.SamplerConfig, s: Inversio
   new_opt = jax.tree.map(lambda a, b: jnp.where(update, a, b), new_opt, state.opt)
 
   better = (sets.count > state.best_count) & ~state.done
-  stop = (sets.count == bsz)
+  stop = sets.count >= _stop_count(s.stop_mscr, bsz)
   if s.stop_on_zero_similarity_loss:
     stop = stop | (parts.sim == 0)
 
@@ -400,7 +420,7 @@ def _epoch(eps_fn, schedule: Schedule, scfg: samplers.SamplerConfig, s: Inversio
   metrics = EpochMetrics(
       count=sets.count, loss=parts.total, sim=parts.sim, ent=parts.ent, value=parts.value, pattern_loss=l_g,
       updated=update, active=~state.done, num_excluded=jnp.sum(sets.excluded).astype(jnp.int32),
-      anchor_entropy=parts.anchor_entropy, grad_norm=jnp.sqrt(jnp.sum(grad * grad)))
+      anchor_entropy=parts.anchor_entropy, grad_norm=jnp.sqrt(jnp.sum(grad * grad)), max_pair_cos=sets.max_cos)
   return new_state, metrics
 
 
@@ -439,7 +459,12 @@ def epoch_step(eps_fn, params, scheduler_config, settings: InversionSettings, no
 
 def _step_settings(s: InversionSettings) -> InversionSettings:
   """The settings that shape the compiled epoch (loop-only fields normalised, so they do not recompile)."""
-  return dataclasses.replace(s, max_epochs=1, restarts=1, seed=0, log_every=0)
+  return dataclasses.replace(s, max_epochs=1, restarts=1, seed=0, log_every=0, refine_epochs=0)
+
+
+def _stop_count(stop_mscr: float, batch_size: int) -> int:
+  """Smallest |T| with |T|/B >= stop_mscr (at least 2: |T| is 0 or >= 2)."""
+  return max(2, min(batch_size, int(np.ceil(stop_mscr * batch_size - 1e-9))))
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -459,6 +484,7 @@ class InversionResult:
   triggers: np.ndarray | None = None  # (R,H,W,C) best pattern of every restart
   last_trigger: np.ndarray | None = None  # (H,W,C) pattern of the chosen restart's last epoch
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  unrefined_trigger: np.ndarray | None = None  # (H,W,C) the main loop's best pattern, when `trigger` is refined
 
   def to_json(self) -> dict[str, Any]:
     return dict(method=self.method, best_mscr=float(self.best_mscr), epochs=int(self.epochs),
@@ -466,6 +492,7 @@ class InversionResult:
                 restart_best_mscr=[float(x) for x in self.restart_best_mscr],
                 mscr_per_epoch=[float(x) for x in self.mscr_per_epoch], history=self.history,
                 max_excluded_fraction=_max_excluded(self.history, self.settings),
+                refined=self.unrefined_trigger is not None,
                 trigger_mean=float(np.mean(self.trigger)), trigger_min=float(np.min(self.trigger)),
                 trigger_max=float(np.max(self.trigger)), settings=self.settings)
 
@@ -530,16 +557,53 @@ def run_inversion(eps_fn, params, image_shape: Sequence[int], scheduler_config: 
                    np.array2string(np.asarray(m.loss).reshape(-1), precision=3), time.time() - t0)
     if done.all():
       break
+  refined = refine_counts = None
+  if s.refine_epochs > 0:
+    refined, refine_counts = _refine(eps_fn, params, sched_key, scfg, step_s, many_models, state, key,
+                                     image_shape, s, name)
   jax.block_until_ready(state.p)
   seconds = time.time() - t0
   state = jax.device_get(state)
   if not many_models:
     state = jax.tree.map(lambda x: x[None], state)
     hist = [{k: v[None] for k, v in h.items()} for h in hist]
-  return [_collect(state, hist, mi, s, seconds / n_models) for mi in range(n_models)]
+    if refined is not None:
+      refined, refine_counts = refined[None], refine_counts[:, None]
+  return [_collect(state, hist, mi, s, seconds / n_models, refined, refine_counts) for mi in range(n_models)]
 
 
-def _collect(state, hist, mi: int, s: InversionSettings, seconds: float) -> InversionResult:
+def _init_states(p0: jax.Array, s: InversionSettings, lead: int) -> EpochState:
+  """init_state over `lead` leading axes of p0 ((R,H,W,C) or (M,R,H,W,C))."""
+  fn = functools.partial(init_state, s=s)
+  for _ in range(lead):
+    fn = jax.vmap(fn)
+  return fn(p0)
+
+
+def _refine(eps_fn, params, sched_key, scfg, step_s, many_models, state: EpochState, key: jax.Array,
+            image_shape, s: InversionSettings, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """The fresh-noise refinement (module doc) of every restart that collapsed. Returns (patterns g with the
+  leading axes of state.best_g: refined where best |T| > 0, else best_g unchanged; |T| per refinement epoch
+  (K, *leading axes))."""
+  has = state.best_count > 0
+  rstate = _init_states((1.0 - state.best_g) / 2.0, s, has.ndim)
+  k_noise, k_sampler = jax.random.fold_in(key, 3), jax.random.fold_in(key, 4)
+  counts, t0 = [], time.time()
+  for e in range(s.refine_epochs):
+    noise = jax.random.normal(jax.random.fold_in(k_noise, e), (s.batch_size, *image_shape), jnp.float32)
+    rstate = rstate._replace(done=~has)  # refine the collapsed restarts every epoch; hold the others
+    rstate, m = _epoch_jit(eps_fn, sched_key, scfg, step_s, many_models, params, noise,
+                           jax.random.fold_in(k_sampler, e), rstate)
+    counts.append(np.asarray(jax.device_get(m.count)))
+    if s.log_every and (e % s.log_every == 0 or e == s.refine_epochs - 1):
+      logging.info("%s refinement (%s, fresh noise) epoch %d: MSCR %s (%.1fs)", name, s.method, e,
+                   np.array2string(counts[-1].reshape(-1) / s.batch_size, precision=3), time.time() - t0)
+  g = jnp.where(has[..., None, None, None], pattern_from_raw(rstate.p), state.best_g)
+  return np.asarray(jax.device_get(g)), np.stack(counts)
+
+
+def _collect(state, hist, mi: int, s: InversionSettings, seconds: float, refined=None,
+             refine_counts=None) -> InversionResult:
   best_count = np.asarray(state.best_count[mi])          # (R,)
   r = int(np.argmax(best_count))
   active = np.stack([h["active"][mi, r] for h in hist])  # (epochs,)
@@ -550,17 +614,22 @@ def _collect(state, hist, mi: int, s: InversionSettings, seconds: float) -> Inve
 
   mscr = series("count", 1.0 / s.batch_size)
   history = {k: series(k) for k in ("loss", "sim", "ent", "value", "pattern_loss", "num_excluded",
-                                    "anchor_entropy", "grad_norm")}
+                                    "anchor_entropy", "grad_norm", "max_pair_cos")}
   history["updated"] = [bool(h["updated"][mi, r]) for h, a in zip(hist, active) if a]
   per_restart = [float(c) / s.batch_size for c in best_count]
-  chosen = np.asarray(state.best_g[mi, r]) if best_count[r] > 0 else np.asarray(state.last_g[mi, r])
-  triggers = np.where((best_count > 0)[:, None, None, None], np.asarray(state.best_g[mi]),
-                      np.asarray(state.last_g[mi]))
+  best = np.asarray(state.best_g[mi]) if refined is None else np.asarray(refined[mi])
+  unrefined = None
+  if refined is not None and best_count[r] > 0:
+    unrefined = np.asarray(state.best_g[mi, r], np.float32)
+    history["refine_mscr"] = [float(c) / s.batch_size for c in refine_counts[:, mi, r]]
+  chosen = best[r] if best_count[r] > 0 else np.asarray(state.last_g[mi, r])
+  triggers = np.where((best_count > 0)[:, None, None, None], best, np.asarray(state.last_g[mi]))
   return InversionResult(
       trigger=chosen.astype(np.float32), mscr_per_epoch=mscr, best_mscr=float(best_count[r]) / s.batch_size,
       epochs=n_ep, seconds=float(seconds), method=s.method + ("+code_bug" if s.faithful_code_bug else ""),
       restart=r, restart_best_mscr=per_restart, history=history, triggers=triggers.astype(np.float32),
-      last_trigger=np.asarray(state.last_g[mi, r], np.float32), settings=dataclasses.asdict(s))
+      last_trigger=np.asarray(state.last_g[mi, r], np.float32), settings=dataclasses.asdict(s),
+      unrefined_trigger=unrefined)
 
 
 # ---------------------------------------------------------------------------------------------- public API
