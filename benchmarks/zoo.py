@@ -32,7 +32,7 @@ Zoo (preset `fmnist`: configs/fmnist_attack.py, 32x32 grayscale `fmnist-cpu` UNe
 * 8 BadDiffusion fine-tunes of the base (`diffcleanse_jax/attacks/workflow.py:attack_mode`): triggers
   BOX_14 (grey box), SM_BOX (white box), STOP_SIGN_14 and a user image trigger that the zoo draws itself
   (`ZOO/assets/user_trigger_<S>.png`, a white X in the top-left corner); targets HAT, SHOE, CORNER, CAT; poison
-  rates 0.05 (4,000 steps), 0.1 (the issue-3 runs, seed 0, 12,000 steps; `--adopt` copies finished ones) and
+  rates 0.05 (12,000 steps), 0.1 (the issue-3 runs, seed 0, 12,000 steps; `--adopt` copies finished ones) and
   0.2 (6,000 steps); see `zoo_entries` and `POISON_STEPS`.
 
 Layout: `ZOO/models/<name>/` is the train/attack workdir (`model/` is the final diffusers folder; backdoored ones
