@@ -200,17 +200,15 @@ def _read_json(path: str) -> dict | None:
 
 
 def _write_text(path: str, text: str) -> None:
-  """Writes atomically (tmp file + rename), creating the folder. The tmp name carries the pid: two builds on
-  different `--only` lists share ZOO/zoo_manifest.json, and a shared tmp name made one of them crash."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Atomic (io.files: the temp name carries the pid; two builds on different `--only` lists share
+  ZOO/zoo_manifest.json, and a shared temp name once made one of them crash)."""
+  from diffcleanse_jax.io.files import write_text_atomic
+  write_text_atomic(path, text)
 
 
 def _write_json(path: str, obj) -> None:
-  _write_text(path, json.dumps(obj, indent=2, default=str))
+  from diffcleanse_jax.io.files import write_json
+  write_json(path, obj, sort_keys=False)
 
 
 def is_done(zoo_dir: str, name: str) -> bool:

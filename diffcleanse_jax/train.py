@@ -25,6 +25,7 @@ from diffcleanse_jax import parallel
 from diffcleanse_jax.data.pipeline import shard_batch
 from diffcleanse_jax.diffusion import samplers
 from diffcleanse_jax.io import images as image_io
+from diffcleanse_jax.io.files import json_default, write_json  # noqa: F401 (write_json: re-exported)
 from diffcleanse_jax.model import DiffusionModel
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], jax.Array]
@@ -147,27 +148,6 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
                                item_names=("state", "meta"))
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (temp file + rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.integer,)):
-    return int(o)
-  if isinstance(o, (np.floating,)):
-    return float(o)
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  if hasattr(o, "to_dict"):
-    return o.to_dict()
-  return str(o)
-
-
 def save_sample_grid(model: DiffusionModel, params, path: str, num_images: int, seed: int,
                      sampler_cfg: samplers.SamplerConfig, x_T_offset=None) -> np.ndarray:
   """Samples `num_images` from fixed noise (seed) [+ offset, e.g. a trigger], writes a PNG grid; returns [0,1]."""
@@ -219,7 +199,7 @@ def run_training(*, model: DiffusionModel, loss_fn: LossFn, batches, settings: T
   def ckpt(step):
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             meta=ocp.args.JsonSave(json.loads(json.dumps(
-                                                dict(meta, step=step), default=_json_default)))))
+                                                dict(meta, step=step), default=json_default)))))
     mngr.wait_until_finished()
 
   def current_model(st):

@@ -410,3 +410,16 @@ def test_unsupported_torch_formats_refused(tmp_path):
   (tmp_path / "junk.bin").write_bytes(b"hello world")
   with pytest.raises(CheckpointError, match="not a torch zip checkpoint"):
     load_torch_state_dict(tmp_path / "junk.bin")
+
+
+def test_atomic_text_and_json_files(tmp_path, monkeypatch):
+  from diffcleanse_jax.io import files
+  p = tmp_path / "a" / "b" / "report.json"
+  files.write_json(str(p), dict(x=np.float32(0.5), n=np.int64(3), arr=np.arange(2), z=1), sort_keys=True)
+  assert json.loads(p.read_text()) == dict(arr=[0, 1], n=3, x=0.5, z=1)
+  assert p.read_text().index('"arr"') < p.read_text().index('"z"')  # sorted
+  # a failed rename leaves the previous file whole and no temp file behind
+  monkeypatch.setattr(files.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError("disk full")))
+  with pytest.raises(OSError):
+    files.write_text_atomic(str(p), "half")
+  assert json.loads(p.read_text())["z"] == 1 and os.listdir(p.parent) == ["report.json"]

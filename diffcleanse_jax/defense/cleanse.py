@@ -44,7 +44,7 @@ from diffcleanse_jax.diffusion import samplers
 from diffcleanse_jax.io import images as image_io
 from diffcleanse_jax.io.native import load_pretrained, save_pretrained
 from diffcleanse_jax.model import DiffusionModel
-from diffcleanse_jax.train import write_json
+from diffcleanse_jax.io.files import write_json, write_text_atomic
 
 METHODS = ("diffcleanse", "prune", "finetune", "elijah", "clip", "anp")
 collapse_ratio = anp_lib.collapse_ratio
@@ -596,7 +596,4 @@ def write_report_md(path: str, report: Mapping[str, Any], image_dir: str) -> str
       lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
   if os.path.isfile(os.path.join(image_dir, "samples_anp_probe.png")):
     lines += ["", f"ANP probe (perturbed model, clean noise): ![anp]({rel}/samples_anp_probe.png)"]
-  with open(path + ".tmp", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  os.replace(path + ".tmp", path)
-  return path
+  return write_text_atomic(path, "\n".join(lines) + "\n")

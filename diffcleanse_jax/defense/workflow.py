@@ -22,6 +22,7 @@ This module never imports `diffcleanse_jax.attacks` (a defence must not see the 
 from __future__ import annotations
 
 import csv
+import io
 import importlib
 import logging
 import os
@@ -37,7 +38,7 @@ from diffcleanse_jax.defense.detection import (DetectionResult, detect_bbti, det
 from diffcleanse_jax.io import images as image_io
 from diffcleanse_jax.io.native import load_pretrained, load_training_checkpoint
 from diffcleanse_jax.model import DiffusionModel
-from diffcleanse_jax.train import write_json
+from diffcleanse_jax.io.files import write_json, write_text_atomic
 
 
 class DetectorUnavailable(ImportError):
@@ -191,13 +192,12 @@ def _fmt(v) -> str:
 
 def write_scan_tables(rows: list[dict[str, Any]], workdir: str) -> tuple[str, str]:
   csv_path = os.path.join(workdir, "scan.csv")
-  tmp = csv_path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=SCAN_COLUMNS)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SCAN_COLUMNS})
-  os.replace(tmp, csv_path)
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=SCAN_COLUMNS)
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SCAN_COLUMNS})
+  write_text_atomic(csv_path, buf.getvalue())
   md_path = os.path.join(workdir, "scan.md")
   n_flag = sum(1 for r in rows if r.get("backdoored") is True)
   n_err = sum(1 for r in rows if r.get("error"))
@@ -206,10 +206,7 @@ def write_scan_tables(rows: list[dict[str, Any]], workdir: str) -> tuple[str, st
   for r in rows:
     cells = [_fmt(r.get(k)).replace("|", "\\|").replace("\n", " ") for k in SCAN_COLUMNS]
     lines.append("| " + " | ".join(cells) + " |")
-  tmp = md_path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, md_path)
+  write_text_atomic(md_path, "\n".join(lines) + "\n")
   return csv_path, md_path
 
 
