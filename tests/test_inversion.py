@@ -223,6 +223,11 @@ def test_stop_mscr_and_fresh_noise_refinement():
     toy_settings(stop_mscr=0.0).validate()
   with pytest.raises(inv.InversionError, match="refine_epochs"):
     toy_settings(refine_epochs=-1).validate()
+  # the refinement's own lr: a different refined pattern from the same main loop
+  slow = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, dataclasses.replace(s, refine_learning_rate=0.01),
+                           jax.random.key(0))[0]
+  np.testing.assert_array_equal(slow.unrefined_trigger, res.unrefined_trigger)
+  assert np.abs(slow.trigger - res.trigger).max() > 0
 
 
 def test_vmapped_restarts_equal_one_by_one():

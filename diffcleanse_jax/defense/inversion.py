@@ -39,7 +39,7 @@ g_0 ~ N(1, 4), which sends every output of the Fashion-MNIST models to black at 
 Refinement (`refine_epochs` = K > 0): the main loop fits the pattern to one fixed noise batch, and a collapse of
 those 16 noises does not always carry over to fresh noise and the model's own long chain. After the loop, every
 restart that collapsed (best |T| > 0) continues from its best pattern for K more epochs with the same losses,
-gradient and a fresh Adam, but with a *fresh* noise batch and fresh sampler noise every epoch (a stochastic
+gradient and a fresh Adam (lr `refine_learning_rate`, default the main lr), but with a *fresh* noise batch and fresh sampler noise every epoch (a stochastic
 optimisation of the same objective over the noise distribution). The refined trigger is the last refined pattern
 (the best-by-|T| of noisy batches would be a selection-biased pick). Restarts without any collapse are left as
 they are. The MSCR score is the main loop's, so detection does not depend on K; the per-epoch |T|/B of the
@@ -102,6 +102,7 @@ class InversionSettings:
   log_every: int = 10               # log a progress line every N epochs (0 = never)
   stop_mscr: float = 1.0            # a restart stops once |T|/B >= this (1.0: |T| = B, the code)
   refine_epochs: int = 0            # K fresh-noise epochs from the best pattern after the loop (module doc)
+  refine_learning_rate: float = 0.0  # Adam lr of the refinement (0 = learning_rate)
 
   def validate(self) -> "InversionSettings":
     if self.method not in METHODS:
@@ -114,8 +115,9 @@ class InversionSettings:
       raise InversionError("inversion.num_steps, max_epochs and restarts must be >= 1")
     if not 0.0 < self.stop_mscr <= 1.0:
       raise InversionError(f"inversion.stop_mscr={self.stop_mscr} must be in (0, 1]")
-    if self.refine_epochs < 0:
-      raise InversionError(f"inversion.refine_epochs={self.refine_epochs} must be >= 0")
+    if self.refine_epochs < 0 or self.refine_learning_rate < 0:
+      raise InversionError(f"inversion.refine_epochs={self.refine_epochs} and refine_learning_rate="
+                           f"{self.refine_learning_rate} must be >= 0")
     return self
 
   @classmethod
@@ -459,7 +461,8 @@ def epoch_step(eps_fn, params, scheduler_config, settings: InversionSettings, no
 
 def _step_settings(s: InversionSettings) -> InversionSettings:
   """The settings that shape the compiled epoch (loop-only fields normalised, so they do not recompile)."""
-  return dataclasses.replace(s, max_epochs=1, restarts=1, seed=0, log_every=0, refine_epochs=0)
+  return dataclasses.replace(s, max_epochs=1, restarts=1, seed=0, log_every=0, refine_epochs=0,
+                             refine_learning_rate=0.0)
 
 
 def _stop_count(stop_mscr: float, batch_size: int) -> int:
@@ -586,7 +589,8 @@ def _refine(eps_fn, params, sched_key, scfg, step_s, many_models, state: EpochSt
   leading axes of state.best_g: refined where best |T| > 0, else best_g unchanged; |T| per refinement epoch
   (K, *leading axes))."""
   has = state.best_count > 0
-  rstate = _init_states((1.0 - state.best_g) / 2.0, s, has.ndim)
+  step_s = dataclasses.replace(step_s, learning_rate=s.refine_learning_rate or s.learning_rate)
+  rstate = _init_states((1.0 - state.best_g) / 2.0, step_s, has.ndim)
   k_noise, k_sampler = jax.random.fold_in(key, 3), jax.random.fold_in(key, 4)
   counts, t0 = [], time.time()
   for e in range(s.refine_epochs):
