@@ -200,7 +200,7 @@ def test_trigger_mscr_of_a_given_trigger():
   assert inv.trigger_mscr(model, np.zeros((S, S, 1)), dict(sampler="ddim", num_steps=10))["mscr"] == 0.0
 
 
-def test_stop_mscr_and_fresh_noise_refinement():
+def test_stop_mscr_and_fresh_noise_refinement(monkeypatch):
   params = toy_params(3.0)
   full = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, toy_settings(), jax.random.key(0))[0]
   s = toy_settings(stop_mscr=0.25, refine_epochs=4)
@@ -214,10 +214,14 @@ def test_stop_mscr_and_fresh_noise_refinement():
   model = types.SimpleNamespace(apply=ToyEps(), params=params, image_shape=(S, S, 1), scheduler_config=SCHED)
   fresh = inv.trigger_mscr(model, res.trigger, dict(sampler="ddim", num_steps=10), jax.random.key(77))
   assert fresh["mscr"] == 1.0                                    # the refined trigger fires on other noise
-  # nothing collapsed (no backdoor): the refinement leaves the pattern alone
+  # nothing collapsed (no backdoor): no refinement epoch runs, the pattern is left alone
+  refine = inv._refine
+  monkeypatch.setattr(inv, "_refine", lambda *a, **k: pytest.fail("refinement ran without a collapse"))
   clean = inv.run_inversion(ToyEps(), toy_params(1e9), (S, S, 1), SCHED, toy_settings(max_epochs=3, refine_epochs=2),
                             jax.random.key(0))[0]
   assert clean.best_mscr == 0.0 and "refine_mscr" not in clean.history and not clean.to_json()["refined"]
+  assert clean.epochs == 3
+  monkeypatch.setattr(inv, "_refine", refine)
   np.testing.assert_array_equal(clean.trigger, clean.last_trigger)
   with pytest.raises(inv.InversionError, match="stop_mscr"):
     toy_settings(stop_mscr=0.0).validate()

@@ -561,7 +561,7 @@ def run_inversion(eps_fn, params, image_shape: Sequence[int], scheduler_config: 
     if done.all():
       break
   refined = refine_counts = None
-  if s.refine_epochs > 0:
+  if s.refine_epochs > 0 and bool(jnp.any(state.best_count > 0)):  # nothing collapsed: nothing to refine
     refined, refine_counts = _refine(eps_fn, params, sched_key, scfg, step_s, many_models, state, key,
                                      image_shape, s, name)
   jax.block_until_ready(state.p)
