@@ -25,6 +25,7 @@ import time
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unet_throughput import load1, machine_info  # noqa: E402  (benchmarks/ is not a package)
+from diffcleanse_jax.io.files import write_json  # noqa: E402  (the package is installed by scripts/setup.sh)
 
 
 def time_detection(model: str, method: str, config: str, overrides: list[str], python: str = sys.executable) -> dict:
@@ -66,9 +67,7 @@ def main(argv=None) -> int:
       continue
     print(f"{r['method']:10s} {r['wall_seconds']:8.1f} {r['detector_seconds']:11.1f} {r['score']:7.4g} "
           f"{str(r['backdoored']):>8s} {r['load_before']}->{r['load_after']}")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(machine=machine_info(), rows=rows), f, indent=2)
+  write_json(args.out, dict(machine=machine_info(), rows=rows), sort_keys=False)  # atomic, creates the folder
   print(f"wrote {args.out}")
   return 0 if all("error" not in r for r in rows) else 1
 

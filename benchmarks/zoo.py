@@ -117,7 +117,7 @@ def zoo_entries() -> list[ZooEntry]:
 def write_user_trigger(zoo_dir: str, image_size: int) -> str:
   """An S x S grayscale PNG: black (background -1) with a white X (2 px strokes) in the top-left corner, away
   from the bottom-right triggers. Used as-is by `make_trigger` (an S x S image is mapped straight to [-1, 1])."""
-  from PIL import Image
+  from diffcleanse_jax.io.images import save_png
 
   s = int(image_size)
   k = max(4, round(10 * s / 32))
@@ -128,11 +128,8 @@ def write_user_trigger(zoo_dir: str, image_size: int) -> str:
       for r, c in ((o + i, o + min(k - 1, i + d)), (o + i, o + max(0, k - 1 - i - d))):
         img[r, c] = 255
   path = os.path.join(zoo_dir, "assets", f"user_trigger_{s}.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   if not os.path.isfile(path):
-    tmp = path + ".tmp.png"
-    Image.fromarray(img).save(tmp)
-    os.replace(tmp, path)
+    save_png(img[..., None], path)  # atomic, creates the folder
   return path
 
 
@@ -430,7 +427,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   cached results made with these settings (missing ones are left out of the table). only: these model names."""
   import jax
 
-  from diffcleanse_jax.defense.detection import decide, detection_metrics, leave_one_out_thresholds
+  from diffcleanse_jax.defense.detection import (DEFAULT_THRESHOLD, decide, detection_metrics,
+                                                 leave_one_out_thresholds)
 
   if detector_fns is None:
     from diffcleanse_jax.defense.workflow import DETECTORS
@@ -453,7 +451,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   # config.detection.threshold (a recalibrated tau needs no new inversions).
   det_cfg = config.detection.to_dict() if hasattr(config.detection, "to_dict") else dict(config.detection)
   common = {k: v for k, v in det_cfg.items() if not isinstance(v, dict) and k != "threshold"}
-  mscr_tau = float(det_cfg.get("threshold", 0.5))
+  mscr_tau = float(det_cfg.get("threshold", DEFAULT_THRESHOLD))
   from diffcleanse_jax.defense.inversion import InversionSettings
 
   def inversion_fields(method):  # the resolved settings, without the other method's knobs

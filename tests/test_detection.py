@@ -381,3 +381,15 @@ def test_detect_time_benchmark_times_a_real_detect_run(tiny_model_dir, tmp_path)
   rc = bench.main(["--model", str(tmp_path / "missing"), "--config", "configs/tiny_test.py", "--out", str(out)])
   row = json.load(open(out))["rows"][0]
   assert rc == 1 and row["returncode"] != 0 and row["error"]
+
+
+def test_zoo_user_trigger_png(tmp_path):
+  from PIL import Image
+  zoo = _zoo()
+  path = zoo.write_user_trigger(str(tmp_path), 32)
+  img = np.asarray(Image.open(path))
+  assert Image.open(path).mode == "L" and img.shape == (32, 32) and set(np.unique(img)) == {0, 255}
+  ys, xs = np.nonzero(img)
+  assert ys.max() < 16 and xs.max() < 16           # the X stays in the top-left quarter
+  assert img[2, 2] == 255 and img[2, 11] == 255     # both strokes of the X start in the first row of it
+  assert zoo.write_user_trigger(str(tmp_path), 32) == path and os.listdir(tmp_path / "assets") == [os.path.basename(path)]

@@ -39,8 +39,8 @@ g_0 ~ N(1, 4), which sends every output of the Fashion-MNIST models to black at 
 Refinement (`refine_epochs` = K > 0): the main loop fits the pattern to one fixed noise batch, and a collapse of
 those 16 noises does not always carry over to fresh noise and the model's own long chain. After the loop, every
 restart that collapsed (best |T| > 0) continues from its best pattern for K more epochs with the same losses,
-gradient and a fresh Adam (lr `refine_learning_rate`, default the main lr), but with a *fresh* noise batch and fresh sampler noise every epoch (a stochastic
-optimisation of the same objective over the noise distribution). The refined trigger is the last refined pattern
+gradient and a fresh Adam (lr `refine_learning_rate`, default the main lr), but with a *fresh* noise batch and
+fresh sampler noise every epoch (a stochastic optimisation of the same objective over the noise distribution). The refined trigger is the last refined pattern
 (the best-by-|T| of noisy batches would be a selection-biased pick). Restarts without any collapse are left as
 they are. The MSCR score is the main loop's, so detection does not depend on K; the per-epoch |T|/B of the
 refinement is reported as history['refine_mscr'].
