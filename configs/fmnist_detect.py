@@ -36,7 +36,7 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   reference waits for all 16), then refine_epochs = 20 fresh-noise epochs at refine_learning_rate = 0.02 (the
   refinement is described in defense/inversion.py). The main loop fits 16 fixed noises at lr 0.1 and oscillates.
   On fresh noise under the model's DDPM-1000, its best patterns gave ASR 0.19-0.44. Pilot on cached BBTI triggers
-  of three zoo models (runs/exp/refine_exp.py, 15 epochs), ASR before -> after refinement:
+  of three zoo models (`benchmarks/refine_pilot.py bbti MODEL 15 LR runs/zoo/old_s4`), ASR before -> after refinement:
   - lr 0.02: smbox-cat 0.19 -> 0.5, stop14-hat 0.25 -> 0.75;
   - lr 0.1: box14-hat 0.44 -> 0.75, smbox-cat 0.19 -> 0.19, stop14-hat 0.25 -> 0.19 (the collapse was lost
     again).
