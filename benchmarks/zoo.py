@@ -294,9 +294,33 @@ def _field(cfg, dotted: str):
   return node.to_dict() if hasattr(node, "to_dict") else node
 
 
+# An attack run exported by scripts/make_demo_model.sh (examples/fmnist_box14_hat): the run's model/ files at the
+# top level, its config.json renamed attack_config.json (config.json is the diffusers UNet config).
+_MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json")
+
+
+def _is_exported_attack(src: str) -> bool:
+  return all(os.path.isfile(os.path.join(src, f)) for f in ("attack_config.json", "attack.json", *_MODEL_FILES[:2]))
+
+
+def _unexport_attack(src: str, dst: str) -> None:
+  """Rebuilds the run layout (DST/config.json = the run config, DST/model/ = the diffusers folder, the attack's
+  metadata beside them) from an exported attack folder SRC."""
+  os.makedirs(os.path.join(dst, "model"))
+  for f in sorted(os.listdir(src)):
+    p = os.path.join(src, f)
+    if not os.path.isfile(p):
+      continue
+    if f in _MODEL_FILES:
+      shutil.copy2(p, os.path.join(dst, "model", f))
+    else:
+      shutil.copy2(p, os.path.join(dst, "config.json" if f == "attack_config.json" else f))
+
+
 def adopt(zoo_dir: str, name: str, src: str, preset: str = "fmnist") -> str:
   """Copies a finished run of exactly this entry's recipe (e.g. runs/attack_box_hat of
-  benchmarks/baddiffusion_fmnist.sh) into ZOO/models/NAME instead of retraining it. Checks SRC/config.json against
+  benchmarks/baddiffusion_fmnist.sh, or the shipped examples/fmnist_box14_hat, which is box14-hat-p0.1) into
+  ZOO/models/NAME instead of retraining it. Checks SRC/config.json against
   the entry's resolved config (`_ADOPT_FIELDS`; the base path may differ) and raises ValueError naming the first
   field that differs. Checkpoints are not copied. Returns the zoo folder of the entry."""
   entries = {e.name: e for e in zoo_entries()}
@@ -305,9 +329,13 @@ def adopt(zoo_dir: str, name: str, src: str, preset: str = "fmnist") -> str:
   e = entries[name]
   if e.trigger == USER_TRIGGER:
     raise ValueError(f"--adopt {name}: entries with the zoo's own user trigger are built by the zoo only")
-  got = _read_json(os.path.join(src, "config.json"))
-  if got is None or not os.path.isfile(os.path.join(src, "model", "config.json")):
-    raise FileNotFoundError(f"--adopt {name}={src}: expected a finished run (SRC/config.json and SRC/model/)")
+  exported = _is_exported_attack(src)
+  cfg_file = os.path.join(src, "attack_config.json" if exported else "config.json")
+  got = _read_json(cfg_file)
+  if got is None or not (exported or os.path.isfile(os.path.join(src, "model", "config.json"))):
+    raise FileNotFoundError(f"--adopt {name}={src}: expected a finished run (SRC/config.json and SRC/model/) or "
+                            "an exported attack folder like examples/fmnist_box14_hat (diffusers files + "
+                            "attack_config.json + attack.json)")
   if e.backdoored and (_read_json(os.path.join(src, "attack.json")) or {}).get("status") != "done":
     raise ValueError(f"--adopt {name}={src}: {src}/attack.json does not say status 'done'")
   want = entry_config(e, preset, got.get("init_from") or ".", zoo_dir)
@@ -317,15 +345,18 @@ def adopt(zoo_dir: str, name: str, src: str, preset: str = "fmnist") -> str:
     try:
       a, b = _field(got, f), _field(want, f)
     except (KeyError, AttributeError):
-      raise ValueError(f"--adopt {name}={src}: {src}/config.json has no field {f!r}") from None
+      raise ValueError(f"--adopt {name}={src}: {cfg_file} has no field {f!r}") from None
     if a != b:
-      raise ValueError(f"--adopt {name}={src}: {src}/config.json {f} = {a!r}, the zoo entry needs {b!r}")
+      raise ValueError(f"--adopt {name}={src}: {cfg_file} {f} = {a!r}, the zoo entry needs {b!r}")
   dst = os.path.join(zoo_dir, "models", name)
   if is_done(zoo_dir, name):
     return dst
   tmp = dst + ".adopt.tmp"
   shutil.rmtree(tmp, ignore_errors=True)
-  shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+  if exported:
+    _unexport_attack(src, tmp)
+  else:
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints"))
   shutil.rmtree(dst, ignore_errors=True)
   os.replace(tmp, dst)
   _write_json(os.path.join(dst, ZOO_MARKER), dict(dataclasses.asdict(e), status="done", base=got.get("init_from"),

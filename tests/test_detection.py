@@ -233,6 +233,24 @@ def test_zoo_entry_steps_and_adopting_a_finished_run(tmp_path):
     zoo.adopt(z, "nope", str(src))
 
 
+def test_zoo_adopts_the_shipped_demo_model_as_box14_hat(tmp_path):
+  """examples/fmnist_box14_hat is the zoo's box14-hat-p0.1 recipe, exported: adopting it rebuilds the run layout
+  (config.json = the attack's run config, model/ = the diffusers folder) and the zoo's loader reads it."""
+  zoo = _zoo()
+  z = str(tmp_path / "zoo")
+  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fmnist_box14_hat")
+  dst = zoo.adopt(z, "box14-hat-p0.1", demo)
+  assert zoo.is_done(z, "box14-hat-p0.1")
+  assert json.load(open(os.path.join(dst, "config.json")))["attack"]["trigger"] == "BOX_14"
+  assert json.load(open(os.path.join(dst, "model", "config.json")))["_class_name"] == "UNet2DModel"
+  for f in ("attack.json", "trigger.npy", "target.npy"):
+    assert os.path.isfile(os.path.join(dst, f)), f
+  assert not os.path.exists(os.path.join(dst, "attack_config.json"))
+  # the demo's recipe is not the poison-0.2 entry's: refused, naming the exported config file and the field
+  with pytest.raises(ValueError, match=r"attack_config.json seed = 0, the zoo entry needs 1"):
+    zoo.adopt(z, "stop14-hat-p0.2", demo)
+
+
 def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   zoo = _zoo()
   z = tmp_path / "zoo"
