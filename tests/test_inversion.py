@@ -234,6 +234,32 @@ def test_stop_mscr_and_fresh_noise_refinement(monkeypatch):
   assert np.abs(slow.trigger - res.trigger).max() > 0
 
 
+def test_refinement_chain_and_gradient_are_its_own(monkeypatch):
+  """refine_num_steps / refine_method set the refinement's sampler chain and gradient; the main loop (and so the
+  score and the unrefined pattern) is unchanged."""
+  params = toy_params(3.0)
+  s = toy_settings(stop_mscr=0.25, refine_epochs=3)
+  seen = []
+  real = inv._refine
+
+  def spy(eps_fn, params, sched_key, scfg, step_s, *a, **k):
+    seen.append((scfg.num_steps, step_s.method, step_s.learning_rate))
+    return real(eps_fn, params, sched_key, scfg, step_s, *a, **k)
+  monkeypatch.setattr(inv, "_refine", spy)
+  base = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, s, jax.random.key(0))[0]
+  long = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED,
+                           dataclasses.replace(s, refine_num_steps=25, refine_method="whitebox",
+                                               refine_learning_rate=0.05), jax.random.key(0))[0]
+  assert seen == [(10, "bbti", s.learning_rate), (25, "whitebox", 0.05)]
+  np.testing.assert_array_equal(long.unrefined_trigger, base.unrefined_trigger)
+  assert long.mscr_per_epoch == base.mscr_per_epoch and len(long.history["refine_mscr"]) == 3
+  assert np.abs(long.trigger - base.trigger).max() > 0
+  with pytest.raises(inv.InversionError, match="refine_method"):
+    toy_settings(refine_method="adam").validate()
+  with pytest.raises(inv.InversionError, match="refine_num_steps"):
+    toy_settings(refine_num_steps=-1).validate()
+
+
 def test_vmapped_restarts_equal_one_by_one():
   params = toy_params(3.0)
   s = toy_settings(restarts=3, max_epochs=8, refine_epochs=2)

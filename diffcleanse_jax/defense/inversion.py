@@ -103,6 +103,8 @@ class InversionSettings:
   stop_mscr: float = 1.0            # a restart stops once |T|/B >= this (1.0: |T| = B, the code)
   refine_epochs: int = 0            # K fresh-noise epochs from the best pattern after the loop (module doc)
   refine_learning_rate: float = 0.0  # Adam lr of the refinement (0 = learning_rate)
+  refine_num_steps: int = 0         # sampler steps of the refinement's chain (0 = the main loop's num_steps)
+  refine_method: str = ""           # gradient of the refinement: bbti / whitebox ("" = method)
 
   def validate(self) -> "InversionSettings":
     if self.method not in METHODS:
@@ -115,9 +117,12 @@ class InversionSettings:
       raise InversionError("inversion.num_steps, max_epochs and restarts must be >= 1")
     if not 0.0 < self.stop_mscr <= 1.0:
       raise InversionError(f"inversion.stop_mscr={self.stop_mscr} must be in (0, 1]")
-    if self.refine_epochs < 0 or self.refine_learning_rate < 0:
-      raise InversionError(f"inversion.refine_epochs={self.refine_epochs} and refine_learning_rate="
-                           f"{self.refine_learning_rate} must be >= 0")
+    if self.refine_epochs < 0 or self.refine_learning_rate < 0 or self.refine_num_steps < 0:
+      raise InversionError(f"inversion.refine_epochs={self.refine_epochs}, refine_learning_rate="
+                           f"{self.refine_learning_rate} and refine_num_steps={self.refine_num_steps} must be >= 0")
+    if self.refine_method and self.refine_method not in METHODS:
+      raise InversionError(f"inversion.refine_method={self.refine_method!r}; expected '' or one of "
+                           f"{', '.join(METHODS)}")
     return self
 
   @classmethod
@@ -462,7 +467,13 @@ def epoch_step(eps_fn, params, scheduler_config, settings: InversionSettings, no
 def _step_settings(s: InversionSettings) -> InversionSettings:
   """The settings that shape the compiled epoch (loop-only fields normalised, so they do not recompile)."""
   return dataclasses.replace(s, max_epochs=1, restarts=1, seed=0, log_every=0, refine_epochs=0,
-                             refine_learning_rate=0.0)
+                             refine_learning_rate=0.0, refine_num_steps=0, refine_method="")
+
+
+def _refine_settings(s: InversionSettings) -> InversionSettings:
+  """The settings of the refinement's epochs: its chain length, gradient and learning rate."""
+  return dataclasses.replace(s, num_steps=s.refine_num_steps or s.num_steps, method=s.refine_method or s.method,
+                             learning_rate=s.refine_learning_rate or s.learning_rate)
 
 
 def _stop_count(stop_mscr: float, batch_size: int) -> int:
@@ -562,8 +573,9 @@ def run_inversion(eps_fn, params, image_shape: Sequence[int], scheduler_config: 
       break
   refined = refine_counts = None
   if s.refine_epochs > 0 and bool(jnp.any(state.best_count > 0)):  # nothing collapsed: nothing to refine
-    refined, refine_counts = _refine(eps_fn, params, sched_key, scfg, step_s, many_models, state, key,
-                                     image_shape, s, name)
+    rs = _refine_settings(s)
+    refined, refine_counts = _refine(eps_fn, params, sched_key, rs.sampler_config(scheduler_config),
+                                     _step_settings(rs), many_models, state, key, image_shape, s, name)
   jax.block_until_ready(state.p)
   seconds = time.time() - t0
   state = jax.device_get(state)
@@ -589,7 +601,6 @@ def _refine(eps_fn, params, sched_key, scfg, step_s, many_models, state: EpochSt
   leading axes of state.best_g: refined where best |T| > 0, else best_g unchanged; |T| per refinement epoch
   (K, *leading axes))."""
   has = state.best_count > 0
-  step_s = dataclasses.replace(step_s, learning_rate=s.refine_learning_rate or s.learning_rate)
   rstate = _init_states((1.0 - state.best_g) / 2.0, step_s, has.ndim)
   k_noise, k_sampler = jax.random.fold_in(key, 3), jax.random.fold_in(key, 4)
   counts, t0 = [], time.time()
