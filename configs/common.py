@@ -55,14 +55,16 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # released code's constant -2 gradient (§4.2). whitebox_unroll/remat: python-unrolled, checkpointed sampler;
   # whitebox_num_steps > 0: the white-box chain length (its compile time and memory grow with the chain).
   # stop_mscr: a restart stops once |T|/B >= it (1.0 = the code); refine_epochs / refine_learning_rate: fresh-noise
-  # refinement of the best pattern after the loop (defense/inversion.py; 0 = off).
+  # refinement of the best pattern after the loop (defense/inversion.py; 0 = off); refine_num_steps / refine_method:
+  # its own chain (0 = num_steps) and gradient ("" = method); shift_weight > 0 adds Elijah's distribution-shift
+  # loss to the pattern loss (0 = off, the reference).
   c.inversion = ml_collections.ConfigDict(dict(
       method="bbti", batch_size=16, sampler="ddpm", num_steps=20, eta=0.0, clip_sample=False, max_epochs=100,
       learning_rate=0.1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_scale=1e3, lambda_g=0.0,
       sim_threshold=0.999, black_threshold=0.01, white_threshold=0.99, faithful_code_bug=False, restarts=1,
       init_mean=0.0, init_std=1.0, seed=0, stop_on_zero_similarity_loss=True, whitebox_unroll=True,
       whitebox_remat=True, whitebox_num_steps=0, log_every=10, stop_mscr=1.0, refine_epochs=0,
-      refine_learning_rate=0.0))
+      refine_learning_rate=0.0, refine_num_steps=0, refine_method="", shift_weight=0.0, shift_lambda=0.5))
   # detection (defense/detection.py, defense/workflow.py): method bbti | whitebox | elijah | terd; backdoored iff
   # score > threshold (MSCR > 0.5 for bbti/whitebox); num_images: size of the preview grids of --mode=detect.
   # elijah / terd: the baselines' own settings (their modules' DEFAULTS).

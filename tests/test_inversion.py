@@ -260,6 +260,31 @@ def test_refinement_chain_and_gradient_are_its_own(monkeypatch):
     toy_settings(refine_num_steps=-1).validate()
 
 
+def test_shift_term_adds_the_exact_elijah_gradient():
+  """shift_weight w adds w * dL_shift/dp to the epoch's gradient: after one epoch from a fresh Adam the first
+  moment differs from the w = 0 run by exactly (1 - b1) w dL_shift/dp; w = 0 is the reference."""
+  from diffcleanse_jax.defense.elijah import elijah_loss
+  params = toy_params(3.0)
+  key = jax.random.key(3)
+  noise, skey = inv.fixed_noise(key, 16, (S, S, 1))
+  p0 = inv.initial_patterns(key, 1, (S, S, 1))
+  sched = schedule_from_config(SCHED)
+  w = 50.0
+  out = {}
+  for weight in (0.0, w):
+    s = toy_settings(shift_weight=weight)
+    state = jax.vmap(lambda q: inv.init_state(q, s))(p0)
+    state, m = inv.epoch_step(ToyEps(), params, SCHED, s, noise, skey, state)
+    assert bool(m.updated[0])
+    out[weight] = state.opt[0].mu[0]
+  want = jax.grad(lambda q: elijah_loss(ToyEps(), params, inv.pattern_from_raw(q), noise,
+                                        sched.num_train_timesteps - 1, 0.5))(p0[0])
+  assert float(jnp.abs(want).max()) > 0
+  np.testing.assert_allclose(out[w] - out[0.0], (1 - 0.9) * w * want, rtol=1e-3, atol=1e-4)  # float32 cancellation
+  with pytest.raises(inv.InversionError, match="shift_weight"):
+    toy_settings(shift_weight=-1.0).validate()
+
+
 def test_vmapped_restarts_equal_one_by_one():
   params = toy_params(3.0)
   s = toy_settings(restarts=3, max_epochs=8, refine_epochs=2)

@@ -36,6 +36,13 @@ Options beyond the reference (defaults off): `init_mean`/`init_std` for p_0 (the
 g_0 ~ N(1, 4), which sends every output of the Fashion-MNIST models to black at epoch 0), `restarts`,
 `stop_mscr` (a restart stops once |T|/B >= stop_mscr; 1.0 = the code's |T| = B) and `refine_epochs`.
 
+Shift term (`shift_weight` = w > 0, our option): the BBTI losses only see the outputs of the short chain, and
+their patterns need not be the additive noise shift a BadDiffusion model was trained on (docs/RESULTS.md,
+session 6). w > 0 adds w * L_shift(g) to the pattern loss, with Elijah's L_shift(g) = mean_pix | mean_b
+eps_theta(eps_b + g, T-1) - shift_lambda g | on the epoch's noise batch (defense/elijah.py), differentiated
+exactly (one UNet input-gradient per epoch). It enters like L_g: added to the image-loss gradient, under the
+same update rule.
+
 Refinement (`refine_epochs` = K > 0): the main loop fits the pattern to one fixed noise batch, and a collapse of
 those 16 noises does not always carry over to fresh noise and the model's own long chain. After the loop, every
 restart that collapsed (best |T| > 0) continues from its best pattern for K more epochs with the same losses,
@@ -58,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from diffcleanse_jax.defense.elijah import elijah_loss
 from diffcleanse_jax.diffusion import samplers
 from diffcleanse_jax.diffusion.schedules import Schedule, schedule_from_config
 
@@ -105,6 +113,8 @@ class InversionSettings:
   refine_learning_rate: float = 0.0  # Adam lr of the refinement (0 = learning_rate)
   refine_num_steps: int = 0         # sampler steps of the refinement's chain (0 = the main loop's num_steps)
   refine_method: str = ""           # gradient of the refinement: bbti / whitebox ("" = method)
+  shift_weight: float = 0.0         # w > 0 adds w * L_shift, Elijah's distribution-shift loss (module doc)
+  shift_lambda: float = 0.5         # lambda of L_shift (rho_T ~= 0.5, ALGORITHMS §2.1)
 
   def validate(self) -> "InversionSettings":
     if self.method not in METHODS:
@@ -120,6 +130,8 @@ class InversionSettings:
     if self.refine_epochs < 0 or self.refine_learning_rate < 0 or self.refine_num_steps < 0:
       raise InversionError(f"inversion.refine_epochs={self.refine_epochs}, refine_learning_rate="
                            f"{self.refine_learning_rate} and refine_num_steps={self.refine_num_steps} must be >= 0")
+    if self.shift_weight < 0:
+      raise InversionError(f"inversion.shift_weight={self.shift_weight} must be >= 0")
     if self.refine_method and self.refine_method not in METHODS:
       raise InversionError(f"inversion.refine_method={self.refine_method!r}; expected '' or one of "
                            f"{', '.join(METHODS)}")
@@ -396,7 +408,12 @@ def _epoch(eps_fn, schedule: Schedule, scfg: samplers.SamplerConfig, s: Inversio
   p = state.p
 
   def lg_of(p_):
-    return pattern_loss(pattern_from_raw(p_), s.lambda_g)
+    g_ = pattern_from_raw(p_)
+    loss = pattern_loss(g_, s.lambda_g)
+    if s.shift_weight > 0:
+      loss = loss + s.shift_weight * elijah_loss(eps_fn, params, g_, noise, schedule.num_train_timesteps - 1,
+                                                 s.shift_lambda)
+    return loss
 
   l_g, g_lg = jax.value_and_grad(lg_of)(p)
   g = pattern_from_raw(p)
