@@ -8,11 +8,11 @@ Gets a pattern g by one of
 then prints for each pattern (the main loop's best, the refined one), each transform (--transforms: none, blurS =
 Gaussian blur sigma S px, clipC = clip to [-C, C]) and each scale s: the defender-side statistic (|T| of two
 batches of 16 *fresh* noises + s*g through the inversion's sampler; no target needed) and the attacker-side
-ASR/MSE (16 samples from fresh noise + s*g, --asr_steps of DDPM (0 = all 1000), vs the model's true target,
-MSE < 1e-3).
+ASR/MSE (--asr_samples, default 16, samples from fresh noise + s*g, --asr_steps of DDPM (0 = all 1000), vs the
+model's true target, MSE < 1e-3).
 
   python benchmarks/inversion_pilot.py MODEL_DIR [--set inversion.init_std=0.25 ...] [--trigger NPY | --init NPY]
-      [--elijah] [--scales 1,2] [--transforms none,blur1,clip1] [--asr_steps 100] [--save DIR]
+      [--elijah] [--scales 1,2] [--transforms none,blur1,clip1] [--asr_steps 100] [--asr_samples 64] [--save DIR]
 MODEL_DIR holds the model and the attack's target.npy (a zoo model folder, or examples/fmnist_box14_hat).
 """
 import argparse
@@ -79,6 +79,7 @@ def main():
   ap.add_argument("--scales", default="1")
   ap.add_argument("--transforms", default="none")
   ap.add_argument("--asr_steps", type=int, default=0, help="ASR sampler steps (0 = all 1000)")
+  ap.add_argument("--asr_samples", type=int, default=16, help="ASR samples (fresh noises + the pattern)")
   ap.add_argument("--save", default=None, help="write the patterns as DIR/<name>.npy")
   a = ap.parse_args()
   config = zoo.load_eval_config("configs/fmnist_detect.py", a.set)
@@ -88,7 +89,7 @@ def main():
   t0 = time.time()
   patterns = patterns_from_args(a, config, model, key)
   eval_cfg = config.eval.to_dict()
-  eval_cfg.update(num_samples=16, batch_size=16, clean=False, num_steps=a.asr_steps)
+  eval_cfg.update(num_samples=a.asr_samples, batch_size=min(a.asr_samples, 64), clean=False, num_steps=a.asr_steps)
   for name, g0 in patterns.items():
     if a.save:
       os.makedirs(a.save, exist_ok=True)

@@ -32,14 +32,16 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   zoo"). |T| is 0 or >= 2, so the smallest MSCR that is not clean is 2/16. At tau 0.5, 2 of the 5
   firing zoo backdoors were missed by each method. Their MSCR peaked at 2-9 of 16 before the oscillating Adam
   walk moved away again.
-* max_epochs = 30 (the reference: 100), stop_mscr = 0.5 (a restart stops once half the batch collapses; the
-  reference waits for all 16), then refine_epochs = 20 fresh-noise epochs at refine_learning_rate = 0.02 (the
-  refinement is described in defense/inversion.py). The main loop fits 16 fixed noises at lr 0.1 and oscillates.
-  On fresh noise under the model's DDPM-1000, its best patterns gave ASR 0.19-0.44. Pilot on cached BBTI triggers
-  of three zoo models (`benchmarks/refine_pilot.py bbti MODEL 15 LR runs/zoo/old_s4`), ASR before -> after refinement:
-  - lr 0.02: smbox-cat 0.19 -> 0.5, stop14-hat 0.25 -> 0.75;
-  - lr 0.1: box14-hat 0.44 -> 0.75, smbox-cat 0.19 -> 0.19, stop14-hat 0.25 -> 0.19 (the collapse was lost
-    again).
+* max_epochs = 30 (the reference: 100), stop_mscr = 0.75 (a restart stops once 12 of the 16 outputs collapse; the
+  reference waits for all 16), and the **shift term** shift_weight = 1e7 (our option, defense/inversion.py: Elijah's
+  distribution-shift loss at t = T-1 added to the pattern loss; 1e7 makes its gradient about as large as the
+  BBTI image-loss gradient, whose rms is ~1e3 against ~1e-4). No refinement (refine_epochs = 0).
+  Measured on the shipped demo model (= zoo box14-hat-p0.1; docs/RESULTS.md, "Session 7"): the BBTI pattern's
+  ASR under the model's own DDPM-1000 rose from 0.44 (7/16, no shift term) to 0.75 (12/16; shift 3e6, 1e7 and 3e7
+  alike), with the best pattern at epoch 2-3; clean models stayed at MSCR 0 (base runs/fmnist: largest pair cosine
+  0.74; zoo clean-s1: 0.9953, as without the term). The loop with the shift term loses its collapse after epoch 3
+  (MSCR 0 from epoch 4 on), so the early stop at 0.75 keeps the best pattern and saves the rest of the epochs; the
+  fresh-noise refinement (session 5's default) drove the collapse from 1.0 to 0 within 11 epochs and is off.
   The score stays the main loop's MSCR.
 """
 from configs.common import base_config
@@ -52,9 +54,8 @@ def get_config():
   c.inversion.init_mean = 0.5
   c.inversion.num_steps = 100
   c.inversion.max_epochs = 30
-  c.inversion.stop_mscr = 0.5
-  c.inversion.refine_epochs = 20
-  c.inversion.refine_learning_rate = 0.02
+  c.inversion.stop_mscr = 0.75
+  c.inversion.shift_weight = 1e7
   c.inversion.whitebox_num_steps = 20  # unrolled DDPM-100 takes minutes to compile: white-box inverts through DDPM-20
   # Elijah's detection samples 16 images from noise + its inverted trigger: with its default DDIM-50 (an ODE
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
