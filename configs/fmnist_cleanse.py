@@ -4,7 +4,8 @@ The README's main job (scripts/demo.sh) runs it on the shipped demo model:
   python launch.py --config=configs/fmnist_cleanse.py --mode=cleanse --model=examples/fmnist_box14_hat \
       --workdir=runs/demo
 
-detect (BBTI with configs/fmnist_detect.py's settings: B = 16, DDPM-100, p_0 ~ N(0.5, 1), <= 30 epochs) ->
+detect (BBTI with configs/fmnist_detect.py's settings: B = 16, DDPM-100, p_0 ~ N(0.5, 1), shift term, stop at
+MSCR 0.75, <= 30 epochs) ->
 score (Taylor, t = 901, 903, ..., 999: every 2nd step of [900, 999], on 16 self-generated images) -> prune
 (ratio 0.02: only the GroupNorm-free groups shrink, 13 channels, 686,769 -> 682,855 parameters) -> dual-loss
 fine-tune (600 steps x 32 at lr 1e-3 on 256 DDIM-25 samples of the original model; 200 steps at 5e-4 left the
@@ -23,7 +24,7 @@ from configs import fmnist_detect
 def get_config():
   c = fmnist_detect.get_config()
 
-  # Stage 1: BBTI as configs/fmnist_detect.py, fewer epochs: a backdoored model collapses within a few.
+  # Stage 1: BBTI as configs/fmnist_detect.py (a backdoored model collapses within a few epochs).
   c.inversion.max_epochs = 30
 
   # Taylor importance over every 2nd timestep of [900, 999] on one batch of 16 generated images.
