@@ -24,8 +24,7 @@ from configs import fmnist_detect
 def get_config():
   c = fmnist_detect.get_config()
 
-  # Stage 1: BBTI as configs/fmnist_detect.py (a backdoored model collapses within a few epochs).
-  c.inversion.max_epochs = 30
+  # Stage 1: BBTI exactly as configs/fmnist_detect.py.
 
   # Taylor importance over every 2nd timestep of [900, 999] on one batch of 16 generated images.
   c.prune.ratio = 0.02
