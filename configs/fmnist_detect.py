@@ -35,7 +35,9 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
 * max_epochs = 30 (the reference: 100), stop_mscr = 0.75 (a restart stops once 12 of the 16 outputs collapse; the
   reference waits for all 16), and the **shift term** shift_weight = 1e7 (our option, defense/inversion.py: Elijah's
   distribution-shift loss at t = T-1 added to the pattern loss; 1e7 makes its gradient about as large as the
-  BBTI image-loss gradient, whose rms is ~1e3 against ~1e-4). No refinement (refine_epochs = 0).
+  BBTI image-loss gradient, whose rms is ~1e3 against ~1e-4). The term applies to BBTI only: white-box keeps
+  inversion.whitebox_shift_weight = 0, because 1e7 swamped its exact image-loss gradient and the demo backdoor was
+  missed (score 0; docs/RESULTS.md, "Session 8"). No refinement (refine_epochs = 0).
   Measured on the shipped demo model (= zoo box14-hat-p0.1; docs/RESULTS.md, "Session 7"): the BBTI pattern's
   ASR under the model's own DDPM-1000 rose from 0.44 (7/16, no shift term) to 0.75 (12/16; shift 3e6, 1e7 and 3e7
   alike), with the best pattern at epoch 2-3; clean models stayed at MSCR 0 (base runs/fmnist: largest pair cosine

@@ -260,29 +260,43 @@ def test_refinement_chain_and_gradient_are_its_own(monkeypatch):
     toy_settings(refine_num_steps=-1).validate()
 
 
-def test_shift_term_adds_the_exact_elijah_gradient():
-  """shift_weight w adds w * dL_shift/dp to the epoch's gradient: after one epoch from a fresh Adam the first
-  moment differs from the w = 0 run by exactly (1 - b1) w dL_shift/dp; w = 0 is the reference."""
+@pytest.mark.parametrize("method", ["bbti", "whitebox"])
+def test_shift_term_adds_the_exact_elijah_gradient(method):
+  """The method's own shift weight w (shift_weight for bbti, whitebox_shift_weight for whitebox) adds
+  w * dL_shift/dp to the epoch's gradient: after one epoch from a fresh Adam the first moment differs from the
+  w = 0 run by exactly (1 - b1) w dL_shift/dp; the other method's weight changes nothing; w = 0 is the reference."""
   from diffcleanse_jax.defense.elijah import elijah_loss
   params = toy_params(3.0)
   key = jax.random.key(3)
-  noise, skey = inv.fixed_noise(key, 16, (S, S, 1))
+  bsz = 16 if method == "bbti" else 4
+  noise, skey = inv.fixed_noise(key, bsz, (S, S, 1))
   p0 = inv.initial_patterns(key, 1, (S, S, 1))
   sched = schedule_from_config(SCHED)
   w = 50.0
+  own, other = ("shift_weight", "whitebox_shift_weight") if method == "bbti" else (
+      "whitebox_shift_weight", "shift_weight")
   out = {}
-  for weight in (0.0, w):
-    s = toy_settings(shift_weight=weight)
+  for name, kw in (("off", {}), ("own", {own: w}), ("other", {other: w})):
+    s = toy_settings(method=method, batch_size=bsz, num_steps=10 if method == "bbti" else 3, **kw)
+    assert s.epoch_shift_weight == (w if name == "own" else 0.0)
     state = jax.vmap(lambda q: inv.init_state(q, s))(p0)
     state, m = inv.epoch_step(ToyEps(), params, SCHED, s, noise, skey, state)
     assert bool(m.updated[0])
-    out[weight] = state.opt[0].mu[0]
+    out[name] = state.opt[0].mu[0]
   want = jax.grad(lambda q: elijah_loss(ToyEps(), params, inv.pattern_from_raw(q), noise,
                                         sched.num_train_timesteps - 1, 0.5))(p0[0])
   assert float(jnp.abs(want).max()) > 0
-  np.testing.assert_allclose(out[w] - out[0.0], (1 - 0.9) * w * want, rtol=1e-3, atol=1e-4)  # float32 cancellation
+  np.testing.assert_allclose(out["own"] - out["off"], (1 - 0.9) * w * want, rtol=1e-3, atol=1e-4)  # float32
+  np.testing.assert_array_equal(out["other"], out["off"])
   with pytest.raises(inv.InversionError, match="shift_weight"):
-    toy_settings(shift_weight=-1.0).validate()
+    toy_settings(**{own: -1.0}).validate()
+
+
+def test_refinement_uses_the_shift_weight_of_its_own_method():
+  s = toy_settings(shift_weight=7.0, whitebox_shift_weight=0.0, refine_epochs=2, refine_method="whitebox")
+  assert s.epoch_shift_weight == 7.0 and inv._refine_settings(s).epoch_shift_weight == 0.0
+  s = inv.InversionSettings.from_config(dict(shift_weight=1e7), method="whitebox")
+  assert s.shift_weight == 1e7 and s.epoch_shift_weight == 0.0
 
 
 def test_vmapped_restarts_equal_one_by_one():

@@ -41,7 +41,9 @@ their patterns need not be the additive noise shift a BadDiffusion model was tra
 session 6). w > 0 adds w * L_shift(g) to the pattern loss, with Elijah's L_shift(g) = mean_pix | mean_b
 eps_theta(eps_b + g, T-1) - shift_lambda g | on the epoch's noise batch (defense/elijah.py), differentiated
 exactly (one UNet input-gradient per epoch). It enters like L_g: added to the image-loss gradient, under the
-same update rule.
+same update rule. `shift_weight` applies to bbti epochs only; whitebox epochs (the main loop with
+method='whitebox', or a refinement with refine_method='whitebox') use `whitebox_shift_weight` (default 0): the
+exact image-loss gradient is on another scale, and shift_weight = 1e7 swamps it (docs/RESULTS.md, session 8).
 
 Refinement (`refine_epochs` = K > 0): the main loop fits the pattern to one fixed noise batch, and a collapse of
 those 16 noises does not always carry over to fresh noise and the model's own long chain. After the loop, every
@@ -114,6 +116,7 @@ class InversionSettings:
   refine_num_steps: int = 0         # sampler steps of the refinement's chain (0 = the main loop's num_steps)
   refine_method: str = ""           # gradient of the refinement: bbti / whitebox ("" = method)
   shift_weight: float = 0.0         # w > 0 adds w * L_shift, Elijah's distribution-shift loss (module doc)
+  whitebox_shift_weight: float = 0.0  # the shift weight of whitebox epochs (shift_weight is bbti's; module doc)
   shift_lambda: float = 0.5         # lambda of L_shift (rho_T ~= 0.5, ALGORITHMS §2.1)
 
   def validate(self) -> "InversionSettings":
@@ -130,12 +133,18 @@ class InversionSettings:
     if self.refine_epochs < 0 or self.refine_learning_rate < 0 or self.refine_num_steps < 0:
       raise InversionError(f"inversion.refine_epochs={self.refine_epochs}, refine_learning_rate="
                            f"{self.refine_learning_rate} and refine_num_steps={self.refine_num_steps} must be >= 0")
-    if self.shift_weight < 0:
-      raise InversionError(f"inversion.shift_weight={self.shift_weight} must be >= 0")
+    if self.shift_weight < 0 or self.whitebox_shift_weight < 0:
+      raise InversionError(f"inversion.shift_weight={self.shift_weight} and whitebox_shift_weight="
+                           f"{self.whitebox_shift_weight} must be >= 0")
     if self.refine_method and self.refine_method not in METHODS:
       raise InversionError(f"inversion.refine_method={self.refine_method!r}; expected '' or one of "
                            f"{', '.join(METHODS)}")
     return self
+
+  @property
+  def epoch_shift_weight(self) -> float:
+    """The weight of L_shift in an epoch with this gradient method (whitebox has its own, default 0)."""
+    return self.whitebox_shift_weight if self.method == "whitebox" else self.shift_weight
 
   @classmethod
   def from_config(cls, cfg: Any = None, **overrides) -> "InversionSettings":
@@ -410,8 +419,8 @@ def _epoch(eps_fn, schedule: Schedule, scfg: samplers.SamplerConfig, s: Inversio
   def lg_of(p_):
     g_ = pattern_from_raw(p_)
     loss = pattern_loss(g_, s.lambda_g)
-    if s.shift_weight > 0:
-      loss = loss + s.shift_weight * elijah_loss(eps_fn, params, g_, noise, schedule.num_train_timesteps - 1,
+    if s.epoch_shift_weight > 0:
+      loss = loss + s.epoch_shift_weight * elijah_loss(eps_fn, params, g_, noise, schedule.num_train_timesteps - 1,
                                                  s.shift_lambda)
     return loss
 
