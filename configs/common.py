@@ -68,9 +68,13 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
       shift_lambda=0.5))
   # detection (defense/detection.py, defense/workflow.py): method bbti | whitebox | elijah | terd; backdoored iff
   # score > threshold (MSCR > 0.5 for bbti/whitebox); num_images: size of the preview grids of --mode=detect.
-  # elijah / terd: the baselines' own settings (their modules' DEFAULTS).
+  # elijah / terd: the baselines' own settings (their modules' DEFAULTS). trigger_from (bbti / whitebox only):
+  # 'inversion' (the reference: the MSCR inversion's best pattern) | 'shift' (a flagged model's trigger is
+  # re-estimated by the distribution-shift objective with the shift_trigger settings; defense/detection.py).
   c.detection = ml_collections.ConfigDict(dict(
-      method="bbti", threshold=0.5, num_images=16, image_batch_size=16,
+      method="bbti", threshold=0.5, num_images=16, image_batch_size=16, trigger_from="inversion",
+      shift_trigger=ml_collections.ConfigDict(dict(num_noise=0, num_iters=100, lam=0.5, lr=0.1, timestep=-1,
+                                                   loop="python")),
       elijah=ml_collections.ConfigDict(_module_defaults("elijah")),
       terd=ml_collections.ConfigDict(_module_defaults("terd"))))
 

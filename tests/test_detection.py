@@ -59,6 +59,32 @@ def test_bbti_detects_toy_backdoor_and_passes_diverse_model():
   json.dumps(bd.to_json())
 
 
+def test_shift_trigger_source_replaces_the_trigger_of_flagged_models_only(tmp_path):
+  """detection.trigger_from='shift': a flagged model reports the distribution-shift trigger (and keeps the MSCR
+  pattern as arrays['mscr_trigger'], written as mscr_trigger.npy); the decision and score are the MSCR ones; a
+  model that is not flagged keeps the inversion's pattern; an unknown source is a config error."""
+  shift = dict(num_noise=8, num_iters=5, lam=0.5, lr=0.1)
+  cfg = dict(TOY_CFG, detection=dict(threshold=0.5, trigger_from="shift", shift_trigger=shift))
+  key = jax.random.key(0)
+  ref = det.detect_bbti(toy_model(3.0), TOY_CFG, key)
+  bd = det.detect_bbti(toy_model(3.0), cfg, key)
+  assert bd.backdoored and bd.score == ref.score and bd.details["trigger_from"] == "shift"
+  np.testing.assert_array_equal(bd.arrays["mscr_trigger"], ref.trigger)
+  want, info = det.shift_trigger(toy_model(3.0), shift, jax.random.fold_in(key, 0x5417))
+  np.testing.assert_array_equal(bd.trigger, want)
+  assert np.abs(bd.trigger - ref.trigger).max() > 0 and len(bd.details["shift_trigger"]["losses"]) == 5
+  assert info["num_noise"] == 8 and bd.seconds >= bd.details["decision_seconds"]
+  d = wf.write_detection(bd, str(tmp_path))
+  assert d["arrays"] == ["mscr_trigger"]
+  np.testing.assert_array_equal(np.load(tmp_path / "mscr_trigger.npy"), ref.trigger)
+  np.testing.assert_array_equal(np.load(tmp_path / "trigger.npy"), want)
+  clean = det.detect_bbti(toy_model(1e9), cfg, key)
+  assert not clean.backdoored and clean.arrays == {}
+  np.testing.assert_array_equal(clean.trigger, det.detect_bbti(toy_model(1e9), TOY_CFG, key).trigger)
+  with pytest.raises(ValueError, match="trigger_from"):
+    det.detect_bbti(toy_model(3.0), dict(TOY_CFG, detection=dict(trigger_from="elijah")), key)
+
+
 def test_registry_and_missing_detector():
   assert {"bbti", "whitebox", "elijah", "terd"} <= set(wf.DETECTORS)
   with pytest.raises(wf.DetectorUnavailable, match="no_such_module"):

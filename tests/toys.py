@@ -45,9 +45,11 @@ def toy_params(c: float):
 
 
 def toy_model(c: float):
-  """A duck-typed model (apply/params/image_shape/scheduler_config/source) around `ToyEps` for the detectors."""
+  """A duck-typed model (apply/params/image_shape/scheduler_config/schedule/source) around `ToyEps` for the
+  detectors."""
   return types.SimpleNamespace(apply=ToyEps(), params=toy_params(c), image_shape=(S, S, 1),
-                               scheduler_config=dict(DEFAULT_SCHEDULER), source=f"toy(c={c})")
+                               scheduler_config=dict(DEFAULT_SCHEDULER),
+                               schedule=schedule_from_config(DEFAULT_SCHEDULER), source=f"toy(c={c})")
 
 
 @pytest.fixture(autouse=True, scope="module")

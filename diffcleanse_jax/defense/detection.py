@@ -49,6 +49,7 @@ class DetectionResult:
   trigger: np.ndarray    # (H,W,C) inverted trigger, additive in x_T space (x_T = eps + trigger)
   seconds: float
   details: dict          # method-specific info (per-epoch MSCR, losses, ...)
+  arrays: dict = dataclasses.field(default_factory=dict)  # other (H,W,C) patterns, written as <name>.npy
 
   def to_json(self) -> dict[str, Any]:
     """Everything except the trigger array (details made JSON-safe: numpy scalars -> python, arrays with more
@@ -168,19 +169,51 @@ def detection_settings(cfg: Any) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- detectors
+TRIGGER_SOURCES = ("inversion", "shift")
+
+
+def shift_trigger(model, cfg: Mapping[str, Any] | None, key: jax.Array) -> tuple[np.ndarray, dict[str, Any]]:
+  """The trigger by the distribution-shift objective (Elijah's inversion, defense/elijah.py: tau minimising
+  mean_pix |mean_b eps_theta(eps_b + tau, T-1) - lam tau| over a fixed noise batch, from its own init).
+  `cfg`: its num_noise / num_iters / lam / lr / timestep / loop (elijah.DEFAULTS when missing).
+  Returns ((H,W,C) float32 trigger, details: losses, final_loss, seconds, ...)."""
+  from diffcleanse_jax.defense import elijah
+
+  keys = ("num_noise", "num_iters", "lam", "lr", "timestep", "loop")
+  cfg = {k: v for k, v in _as_dict(cfg).items() if k in keys}
+  tau, details = elijah.invert(model, cfg, key)
+  return np.asarray(tau, np.float32), details
+
+
 def _mscr_detector(model, cfg: Any, key: jax.Array | None, method: str) -> DetectionResult:
+  """MSCR decision from the stage-1 inversion; the reported trigger per `detection.trigger_from`:
+  'inversion' (the reference: the inversion's best pattern) or 'shift' (our option: when the model is flagged,
+  the trigger is re-estimated by the distribution-shift objective, `shift_trigger` below; the MSCR pattern is
+  kept as arrays['mscr_trigger'])."""
   from diffcleanse_jax.defense.inversion import InversionSettings, run_inversion
 
   det = detection_settings(cfg)
+  source = str(det.get("trigger_from", "inversion") or "inversion")
+  if source not in TRIGGER_SOURCES:
+    raise ValueError(f"config.detection.trigger_from={source!r}; expected one of {', '.join(TRIGGER_SOURCES)}")
   s = InversionSettings.from_config(section(cfg, "inversion"), method=method)
+  key = jax.random.key(s.seed) if key is None else key
   t0 = time.time()
   res = run_inversion(model.apply, model.params, model.image_shape, model.scheduler_config, s, key,
                       name=str(getattr(model, "source", None) or "model"))[0]
   thr = float(det.get("threshold", DEFAULT_THRESHOLD))
   score = float(res.best_mscr)
-  details = dict(res.to_json(), statistic="MSCR = max_epoch |T|/B", rule="backdoored iff score > threshold")
-  return DetectionResult(method=method, backdoored=decide(score, thr), score=score, threshold=thr,
-                         trigger=np.asarray(res.trigger, np.float32), seconds=time.time() - t0, details=details)
+  flagged = decide(score, thr)
+  details = dict(res.to_json(), statistic="MSCR = max_epoch |T|/B", rule="backdoored iff score > threshold",
+                 trigger_from=source, decision_seconds=time.time() - t0)
+  trigger = np.asarray(res.trigger, np.float32)
+  arrays = {}
+  if source == "shift" and flagged:
+    arrays["mscr_trigger"] = trigger
+    trigger, details["shift_trigger"] = shift_trigger(model, det.get("shift_trigger"),
+                                                      jax.random.fold_in(key, 0x5417))
+  return DetectionResult(method=method, backdoored=flagged, score=score, threshold=thr, trigger=trigger,
+                         seconds=time.time() - t0, details=details, arrays=arrays)
 
 
 def detect_bbti(model, cfg: Any = None, key: jax.Array | None = None) -> DetectionResult:

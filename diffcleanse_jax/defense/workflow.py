@@ -10,7 +10,9 @@ white-box read `config.inversion`, Elijah/TERD read `config.detection.elijah` / 
 
 detect writes to the workdir: `detection.json` (method, backdoored, score, threshold, seconds, model, details),
 `trigger.npy` (H,W,C inverted trigger, x_T = eps + trigger), `trigger.png`, `samples_clean.png` (from eps) and
-`samples_inverted.png` (from eps + trigger, the same eps), sampled with the inversion's short sampler.
+`samples_inverted.png` (from eps + trigger, the same eps), sampled with the inversion's short sampler. With
+`detection.trigger_from='shift'` a flagged model's trigger.npy is the distribution-shift estimate and the MSCR
+inversion's pattern is also written, as `mscr_trigger.npy` (detection.json lists such extra arrays in "arrays").
 
 scan treats every sub-folder of --models_dir as a model (a training/attack workdir, a diffusers folder or a native
 folder); it writes one row per model to `scan.csv` and `scan.md` (name, method, score, threshold, backdoored,
@@ -131,6 +133,9 @@ def write_detection(res: DetectionResult, out_dir: str, model_path: str | None =
            seconds=d["seconds"], model=model_path, has_trigger=res.trigger is not None, details=d["details"])
   if res.trigger is not None:
     np.save(os.path.join(out_dir, "trigger.npy"), np.asarray(res.trigger, np.float32))
+  for name, arr in (getattr(res, "arrays", None) or {}).items():
+    np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(arr, np.float32))
+  d["arrays"] = sorted(getattr(res, "arrays", None) or {})
   write_json(os.path.join(out_dir, "detection.json"), d)
   return d
 
