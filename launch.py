@@ -36,11 +36,24 @@ flags.DEFINE_string("out", None, "export: output folder (default WORKDIR/diffuse
 flags.DEFINE_string("trigger", None, "evaluate/cleanse: trigger name, image file or .npy (H,W,C) in [-1,1].")
 flags.DEFINE_string("target", None, "evaluate/cleanse: target name, image file or .npy (H,W,C) in [-1,1].")
 flags.DEFINE_string("models_dir", None, "scan: directory whose sub-folders are models.")
+flags.DEFINE_string("compile_cache", os.environ.get("DIFFCLEANSE_COMPILE_CACHE", ""),
+                    "Persistent XLA compilation cache folder ('' = off; default $DIFFCLEANSE_COMPILE_CACHE): a "
+                    "later run of the same programs skips their compilation. Results do not depend on it.")
 FLAGS = flags.FLAGS
 
 
 class UsageError(ValueError):
   pass
+
+
+def enable_compile_cache(path: str) -> None:
+  """JAX's persistent compilation cache in `path` (created), for every compiled program however small."""
+  import jax
+
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def run(argv) -> None:
@@ -52,6 +65,8 @@ def run(argv) -> None:
 
   from diffcleanse_jax import parallel
 
+  if FLAGS.compile_cache:
+    enable_compile_cache(FLAGS.compile_cache)
   config = FLAGS.config
   parallel.initialize_distributed(config.distributed.to_dict())
   os.makedirs(FLAGS.workdir, exist_ok=True)

@@ -114,6 +114,17 @@ def test_sample_mode_writes_a_png_grid_and_its_config(cli, trained, tmp_path):
     assert np.asarray(im).std() > 0  # not a blank image
 
 
+def test_compile_cache_is_filled_and_does_not_change_results(cli, trained, tmp_path):
+  cache = tmp_path / "xla_cache"
+  a, b = tmp_path / "a", tmp_path / "b"
+  _ok(cli("sample", a, f"--model={trained}", f"--compile_cache={cache}"))
+  assert cache.is_dir() and any(cache.iterdir())
+  n = len(list(cache.iterdir()))
+  _ok(cli("sample", b, f"--model={trained}", f"--compile_cache={cache}"))  # reads the cache
+  assert len(list(cache.iterdir())) == n  # nothing new to compile
+  assert (a / "samples.png").read_bytes() == (b / "samples.png").read_bytes()
+
+
 def test_import_then_export_round_trips_the_weights(cli, trained, tmp_path):
   imp, exp = tmp_path / "imported", tmp_path / "exported"
   _ok(cli("import", imp, f"--model={trained / 'model'}"))
