@@ -3,6 +3,7 @@
   python benchmarks/detect_time.py                                    # BBTI on the shipped demo model
   python benchmarks/detect_time.py --methods bbti,whitebox --model runs/zoo/models/box14-hat-p0.1/model
   python benchmarks/detect_time.py --set inversion.max_epochs=30      # extra --config.* overrides
+  python benchmarks/detect_time.py --methods whitebox --compile_cache runs/xla_cache --repeat 2  # cold, then warm
 
 Each (method, model) runs `python launch.py --config=CONFIG --mode=detect --model=M --workdir=TMP
 --config.detection.method=METHOD` in its own subprocess and is timed from process start to exit: Python and JAX
@@ -10,7 +11,9 @@ start-up, loading the model, compilation, the inversion and the PNG/JSON report 
 CPU-preset model in under 2 minutes on 2 cores). Also reported: the detector's own `seconds` from detection.json
 (inversion only), its score and decision, and the 1-minute load average before and after (on a shared machine the
 main source of error). Output: a table on stdout and JSON (--out, default benchmarks/results/detect_time.json)
-with the machine, date and exact commands.
+with the machine, date and exact commands. `--compile_cache DIR` passes launch.py's persistent compilation cache
+(an empty DIR: the first run compiles and fills it, `--repeat` runs after it read it); `decision_seconds` is the
+detector's time up to its decision (before a detection.trigger_from='shift' re-estimate).
 """
 from __future__ import annotations
 
@@ -28,11 +31,14 @@ from unet_throughput import load1, machine_info  # noqa: E402  (benchmarks/ is n
 from diffcleanse_jax.io.files import write_json  # noqa: E402  (the package is installed by scripts/setup.sh)
 
 
-def time_detection(model: str, method: str, config: str, overrides: list[str], python: str = sys.executable) -> dict:
+def time_detection(model: str, method: str, config: str, overrides: list[str], python: str = sys.executable,
+                   compile_cache: str = "") -> dict:
   """Runs one detection in a subprocess; returns wall seconds, the report's numbers and the command."""
   with tempfile.TemporaryDirectory(prefix="detect_time_") as work:
     cmd = [python, os.path.join(_ROOT, "launch.py"), f"--config={config}", "--mode=detect", f"--model={model}",
            f"--workdir={work}", f"--config.detection.method={method}"] + [f"--config.{o}" for o in overrides]
+    if compile_cache:
+      cmd.append(f"--compile_cache={os.path.abspath(compile_cache)}")
     load0 = load1()
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True)
@@ -45,7 +51,9 @@ def time_detection(model: str, method: str, config: str, overrides: list[str], p
       return row
     with open(report) as f:
       d = json.load(f)
-    row.update(detector_seconds=round(float(d.get("seconds", float("nan"))), 1), score=d.get("score"),
+    dsec = (d.get("details") or {}).get("decision_seconds")
+    row.update(detector_seconds=round(float(d.get("seconds", float("nan"))), 1),
+               decision_seconds=None if dsec is None else round(float(dsec), 1), score=d.get("score"),
                threshold=d.get("threshold"), backdoored=d.get("backdoored"))
     return row
 
@@ -58,8 +66,11 @@ def main(argv=None) -> int:
   ap.add_argument("--set", action="append", default=[], metavar="section.field=value",
                   help="extra config override (repeatable), passed as --config.section.field=value")
   ap.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results", "detect_time.json"))
+  ap.add_argument("--compile_cache", default="", help="launch.py --compile_cache folder ('' = off)")
+  ap.add_argument("--repeat", type=int, default=1, help="runs per method (with --compile_cache: cold, then warm)")
   args = ap.parse_args(argv)
-  rows = [time_detection(args.model, m, args.config, args.set) for m in args.methods.split(",") if m]
+  rows = [dict(time_detection(args.model, m, args.config, args.set, compile_cache=args.compile_cache), run=i)
+          for m in args.methods.split(",") if m for i in range(args.repeat)]
   print(f"{'method':10s} {'wall s':>8s} {'detector s':>11s} {'score':>7s} {'flagged':>8s} {'load':>11s}")
   for r in rows:
     if "error" in r:
