@@ -46,9 +46,10 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   fresh-noise refinement (session 5's default) drove the collapse from 1.0 to 0 within 11 epochs and is off.
   The score stays the main loop's MSCR.
 * detection.trigger_from = 'shift' (our option, defense/detection.py): once the MSCR flags a model, the reported
-  trigger is re-estimated by the distribution-shift objective alone (Elijah's inversion: 100 noises, 100 Adam
-  steps from its own init); the MSCR pattern is kept as mscr_trigger.npy. On the demo model the DDPM-1000 ASR
-  of the shift trigger is 0.84 (54/64) against 0.70 (45/64) for the BBTI pattern (docs/RESULTS.md, "Session 9").
+  trigger is re-estimated by the distribution-shift objective alone (Elijah's inversion: 50 noises instead of
+  Elijah's 100, 100 Adam steps from its own init); the MSCR pattern is kept as mscr_trigger.npy. On the demo model
+  the DDPM-1000 ASR (64 samples) of the shift trigger is 0.91 with 50 noises and 0.84-0.88 with 100, against 0.70
+  for the BBTI pattern (docs/RESULTS.md, "Session 9").
   Clean models are not flagged, so they pay nothing for it.
 """
 from configs.common import base_config
@@ -68,6 +69,7 @@ def get_config():
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
   # 0.28, missed), so these models are checked with the chain BBTI uses, DDPM-100.
   c.detection.trigger_from = "shift"  # a flagged model's trigger by the shift objective (module docstring)
+  c.detection.shift_trigger.num_noise = 50
   c.detection.threshold = 1.0 / 16  # clean-calibrated (module docstring); the paper's majority rule is 0.5
   c.detection.elijah.sampler = "ddpm"
   c.detection.elijah.sampler_steps = 100
