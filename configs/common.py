@@ -71,11 +71,12 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # elijah / terd: the baselines' own settings (their modules' DEFAULTS). trigger_from (bbti / whitebox only):
   # 'inversion' (the reference: the MSCR inversion's best pattern) | 'shift' (a flagged model's trigger is
   # re-estimated by the distribution-shift objective with the shift_trigger settings; defense/detection.py).
+  elijah_defaults = _module_defaults("elijah")
+  shift_keys = ("num_noise", "num_iters", "lam", "lr", "timestep", "loop")  # elijah.invert's settings
   c.detection = ml_collections.ConfigDict(dict(
       method="bbti", threshold=0.5, num_images=16, image_batch_size=16, trigger_from="inversion",
-      shift_trigger=ml_collections.ConfigDict(dict(num_noise=0, num_iters=100, lam=0.5, lr=0.1, timestep=-1,
-                                                   loop="python")),
-      elijah=ml_collections.ConfigDict(_module_defaults("elijah")),
+      shift_trigger=ml_collections.ConfigDict({k: elijah_defaults[k] for k in shift_keys if k in elijah_defaults}),
+      elijah=ml_collections.ConfigDict(elijah_defaults),
       terd=ml_collections.ConfigDict(_module_defaults("terd"))))
 
   # ---- stage 2 (diffcleanse_jax/defense/): pruning, fine-tuning, end-to-end cleanse.

@@ -179,9 +179,7 @@ def shift_trigger(model, cfg: Mapping[str, Any] | None, key: jax.Array) -> tuple
   Returns ((H,W,C) float32 trigger, details: losses, final_loss, seconds, ...)."""
   from diffcleanse_jax.defense import elijah
 
-  keys = ("num_noise", "num_iters", "lam", "lr", "timestep", "loop")
-  cfg = {k: v for k, v in _as_dict(cfg).items() if k in keys}
-  tau, details = elijah.invert(model, cfg, key)
+  tau, details = elijah.invert(model, _as_dict(cfg), key)  # reads only its inversion keys
   return np.asarray(tau, np.float32), details
 
 

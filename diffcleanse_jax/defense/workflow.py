@@ -133,9 +133,10 @@ def write_detection(res: DetectionResult, out_dir: str, model_path: str | None =
            seconds=d["seconds"], model=model_path, has_trigger=res.trigger is not None, details=d["details"])
   if res.trigger is not None:
     np.save(os.path.join(out_dir, "trigger.npy"), np.asarray(res.trigger, np.float32))
-  for name, arr in (getattr(res, "arrays", None) or {}).items():
+  arrays = getattr(res, "arrays", None) or {}
+  for name, arr in arrays.items():
     np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(arr, np.float32))
-  d["arrays"] = sorted(getattr(res, "arrays", None) or {})
+  d["arrays"] = sorted(arrays)
   write_json(os.path.join(out_dir, "detection.json"), d)
   return d
 
