@@ -20,10 +20,12 @@ Fashion-MNIST deviations from the reference defaults (chosen on one pilot pair: 
 BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives black images under DDPM-20):
 * init_mean = 0.5 (p_0 ~ N(0.5, 1), so g_0 = 1 - 2 p_0 is centred on 0): the reference's g_0 ~ N(1, 4) drives every
   output of these models to black at epoch 0 (all excluded, L_s = 0, the run stops with MSCR 0);
-* num_steps = 100 (DDPM-100): the backdoor needs a longer chain to fire (true-trigger MSCR 0 / 0.31 / 0.5 at
-  DDPM-20 / 100 / 1000). Measured: backdoored pilot MSCR 0.4375 (DDPM-20) and 0.75 (DDPM-100, flagged), clean
-  fm1 0 with both. White-box compile time grows with the unrolled chain, so white-box uses DDPM-20
-  (inversion.whitebox_num_steps; BBTI keeps DDPM-100).
+* num_steps = 50 (DDPM-50): the backdoor needs a longer chain than DDPM-20 to fire. On the first pilot: true-trigger
+  MSCR 0 / 0.31 / 0.5 at DDPM-20 / 100 / 1000, backdoored pilot MSCR 0.4375 (DDPM-20) and 0.75 (DDPM-100,
+  flagged), clean fm1 0 with both; sessions 4-10 used DDPM-100. DDPM-50 halves the epoch (the 2-minute target of
+  issue 4): on the shipped demo the true trigger's MSCR on the fixed batch is 0 at DDPM-20/25 and 1.0 at DDPM-50/100
+  (tests/test_examples.py pins it); the zoo rows measured with DDPM-50 are in docs/RESULTS.md, "Session 11".
+  White-box compile time grows with the unrolled chain, so white-box uses DDPM-20 (inversion.whitebox_num_steps).
 * Elijah's detection sampler: DDPM-100 instead of DDIM-50, for the same reason (see get_config).
 * threshold tau = 1/16 (flagged iff at least one pair of the 16 outputs collapses, cos > 0.999, at some epoch)
   instead of the paper's 0.5, calibrated on clean models as `detection.calibrate_threshold(clean, margin=1/B,
@@ -60,14 +62,14 @@ def get_config():
   c.inversion.log_every = 5
   c.inversion.whitebox_remat = False
   c.inversion.init_mean = 0.5
-  c.inversion.num_steps = 100
+  c.inversion.num_steps = 50  # DDPM-50: half the cost of DDPM-100, still fires these backdoors (docstring)
   c.inversion.max_epochs = 30
   c.inversion.stop_mscr = 0.75
   c.inversion.shift_weight = 1e7
   c.inversion.whitebox_num_steps = 20  # unrolled DDPM-100 takes minutes to compile: white-box inverts through DDPM-20
   # Elijah's detection samples 16 images from noise + its inverted trigger: with its default DDIM-50 (an ODE
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
-  # 0.28, missed), so these models are checked with the chain BBTI uses, DDPM-100.
+  # 0.28, missed), so these models are checked with an ancestral DDPM-100 chain.
   c.detection.trigger_from = "shift"  # a flagged model's trigger by the shift objective (module docstring)
   c.detection.shift_trigger.num_noise = 50
   c.detection.threshold = 1.0 / 16  # clean-calibrated (module docstring); the paper's majority rule is 0.5

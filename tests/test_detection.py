@@ -431,6 +431,27 @@ def test_detect_time_benchmark_times_a_real_detect_run(tiny_model_dir, tmp_path)
   assert rc == 1 and row["returncode"] != 0 and row["error"]
 
 
+def test_chain_mscr_benchmark_tabulates_every_pattern_chain_and_seed(tiny_model_dir, tmp_path, capsys):
+  from diffcleanse_jax.defense.inversion import trigger_mscr
+  from diffcleanse_jax.defense.workflow import load_model_dir
+
+  bench = _benchmark("chain_mscr")
+  model_dir = str(tiny_model_dir / "good")
+  model = load_model_dir(model_dir)
+  g = np.full(model.image_shape, 0.5, np.float32)
+  np.save(tmp_path / "g.npy", g)
+  sets = ["--set", "inversion.batch_size=4"]
+  bench.main([model_dir, "--config", "configs/tiny_test.py", "--trigger", str(tmp_path / "g.npy"),
+              "--steps", "2,3", "--seeds", "0,1", *sets])
+  lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| g.npy") or ln.startswith("| plain")]
+  assert len(lines) == 2 * 2 * 2  # patterns x chains x seeds
+  cfg = _benchmark("zoo").load_eval_config("configs/tiny_test.py", ["inversion.batch_size=4"])
+  want = trigger_mscr(model, g, cfg.inversion, key=jax.random.key(1), num_steps=3)["mscr"]
+  assert lines[3].split("|")[1:5] == [" g.npy ", " 3 ", " 1 ", f" {want:.3f} "]
+  with pytest.raises(SystemExit, match="no trigger file"):  # a model folder without trigger.npy
+    bench.main([model_dir, "--config", "configs/tiny_test.py", *sets])
+
+
 def test_zoo_user_trigger_png(tmp_path):
   from PIL import Image
   zoo = _zoo()
