@@ -4,7 +4,7 @@ The README's main job (scripts/demo.sh) runs it on the shipped demo model:
   python launch.py --config=configs/fmnist_cleanse.py --mode=cleanse --model=examples/fmnist_box14_hat \
       --workdir=runs/demo
 
-detect (BBTI with configs/fmnist_detect.py's settings: B = 16, DDPM-50, p_0 ~ N(0.5, 1), shift term, stop at
+detect (BBTI with configs/fmnist_detect.py's settings: B = 16, DDPM-50, p_0 ~ N(0.5, 1), stop at
 MSCR 0.75, <= 30 epochs) ->
 score (Taylor, t = 901, 903, ..., 999: every 2nd step of [900, 999], on 16 self-generated images) -> prune
 (ratio 0.02: only the GroupNorm-free groups shrink, 13 channels, 686,769 -> 682,855 parameters) -> dual-loss

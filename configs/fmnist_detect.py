@@ -35,18 +35,15 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   firing zoo backdoors were missed by each method. Their MSCR peaked at 2-9 of 16 before the oscillating Adam
   walk moved away again.
 * max_epochs = 30 (the reference: 100), stop_mscr = 0.75 (a restart stops once 12 of the 16 outputs collapse; the
-  reference waits for all 16), and the **shift term** shift_weight = 1e7 (our option, defense/inversion.py: Elijah's
-  distribution-shift loss at t = T-1 added to the pattern loss; 1e7 makes its gradient about as large as the
-  BBTI image-loss gradient, whose rms is ~1e3 against ~1e-4). The term applies to BBTI only: white-box keeps
-  inversion.whitebox_shift_weight = 0, because 1e7 swamped its exact image-loss gradient and the demo backdoor was
-  missed (score 0; docs/RESULTS.md, "Session 8"). No refinement (refine_epochs = 0).
-  Measured on the shipped demo model (= zoo box14-hat-p0.1; docs/RESULTS.md, "Session 7"): the BBTI pattern's
-  ASR under the model's own DDPM-1000 rose from 0.44 (7/16, no shift term) to 0.75 (12/16; shift 3e6, 1e7 and 3e7
-  alike), with the best pattern at epoch 2-3; clean models stayed at MSCR 0 (base runs/fmnist: largest pair cosine
-  0.74; zoo clean-s1: 0.9953, as without the term). The loop with the shift term loses its collapse after epoch 3
-  (MSCR 0 from epoch 4 on), so the early stop at 0.75 keeps the best pattern and saves the rest of the epochs; the
-  fresh-noise refinement (session 5's default) drove the collapse from 1.0 to 0 within 11 epochs and is off.
-  The score stays the main loop's MSCR.
+  reference waits for all 16). No refinement (refine_epochs = 0): the fresh-noise refinement (session 5's default)
+  drove the demo's collapse from 1.0 to 0 within 11 epochs. The score is the main loop's MSCR.
+* No shift term in the loop (inversion.shift_weight = 0, the reference losses). Sessions 7-10 added Elijah's
+  distribution-shift loss to the BBTI pattern loss (shift_weight = 1e7, defense/inversion.py) because it raised the
+  demo's BBTI-pattern ASR from 0.44 to 0.75; it was only checked on the demo and clean models. On the rebuilt zoo
+  smbox-cat-p0.2 (true trigger: ASR 1, MSCR 1) it makes BBTI miss the backdoor: score 0 at DDPM-50 and at DDPM-100
+  (the term pulls the pattern away from the first epoch's near-collapse, max pair cosine 0.994 -> 0.73), against
+  0.5625 without it (docs/RESULTS.md, "Session 11"). The trigger quality it bought now comes from trigger_from =
+  'shift' below, so the decision keeps the reference losses.
 * detection.trigger_from = 'shift' (our option, defense/detection.py): once the MSCR flags a model, the reported
   trigger is re-estimated by the distribution-shift objective alone (Elijah's inversion: 50 noises instead of
   Elijah's 100, 100 Adam steps from its own init); the MSCR pattern is kept as mscr_trigger.npy. On the demo model
@@ -65,7 +62,6 @@ def get_config():
   c.inversion.num_steps = 50  # DDPM-50: half the cost of DDPM-100, still fires these backdoors (docstring)
   c.inversion.max_epochs = 30
   c.inversion.stop_mscr = 0.75
-  c.inversion.shift_weight = 1e7
   c.inversion.whitebox_num_steps = 20  # unrolled DDPM-100 takes minutes to compile: white-box inverts through DDPM-20
   # Elijah's detection samples 16 images from noise + its inverted trigger: with its default DDIM-50 (an ODE
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
