@@ -23,8 +23,11 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
 * num_steps = 50 (DDPM-50): the backdoor needs a longer chain than DDPM-20 to fire. On the first pilot: true-trigger
   MSCR 0 / 0.31 / 0.5 at DDPM-20 / 100 / 1000, backdoored pilot MSCR 0.4375 (DDPM-20) and 0.75 (DDPM-100,
   flagged), clean fm1 0 with both; sessions 4-10 used DDPM-100. DDPM-50 halves the epoch (the 2-minute target of
-  issue 4): on the shipped demo the true trigger's MSCR on the fixed batch is 0 at DDPM-20/25 and 1.0 at DDPM-50/100
-  (tests/test_examples.py pins it); the zoo rows measured with DDPM-50 are in docs/RESULTS.md, "Session 11".
+  issue 4; idle `--mode=detect` wall time 48 s on a clean model, 41 s on the demo, against 398 s / 183 s before).
+  The true trigger's MSCR on the fixed batch (benchmarks/chain_mscr.py) is 0 at DDPM-20/25 and 1.0 at DDPM-50/100
+  on the demo (tests/test_examples.py pins it) and on zoo smbox-cat-p0.2, but only 0.25 at DDPM-50 (0.81 at
+  DDPM-100) for the zoo's user-image trigger. Clean models stay at 0 (clean-s1, clean-s2, base). docs/RESULTS.md,
+  "Session 11".
   White-box compile time grows with the unrolled chain, so white-box uses DDPM-20 (inversion.whitebox_num_steps).
 * Elijah's detection sampler: DDPM-100 instead of DDIM-50, for the same reason (see get_config).
 * threshold tau = 1/16 (flagged iff at least one pair of the 16 outputs collapses, cos > 0.999, at some epoch)
@@ -59,7 +62,7 @@ def get_config():
   c.inversion.log_every = 5
   c.inversion.whitebox_remat = False
   c.inversion.init_mean = 0.5
-  c.inversion.num_steps = 50  # DDPM-50: half the cost of DDPM-100, still fires these backdoors (docstring)
+  c.inversion.num_steps = 50  # DDPM-50: half the cost of DDPM-100 (what it carries: module docstring)
   c.inversion.max_epochs = 30
   c.inversion.stop_mscr = 0.75
   c.inversion.whitebox_num_steps = 20  # unrolled DDPM-100 takes minutes to compile: white-box inverts through DDPM-20
