@@ -2,7 +2,7 @@
 plain noise as the clean control) on the inversion's fixed noise batch, for several chain lengths and seeds.
 
 A BBTI inversion can only flag a model whose backdoor fires under the inversion's short sampler, and its cost grows
-linearly with the chain: this prints the shortest chain that still collapses the batch, the number behind
+linearly with the chain: the table shows which chain lengths still collapse the batch, the evidence behind
 `inversion.num_steps` in configs/fmnist_detect.py (docs/RESULTS.md, "Session 11").
 
   python benchmarks/chain_mscr.py examples/fmnist_box14_hat                        # its trigger.npy + plain noise
