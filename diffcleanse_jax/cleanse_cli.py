@@ -79,7 +79,7 @@ def resolve_trigger_target(model_path: str, image_shape, trigger: str | None = N
       ts = _attack_field(info, "trigger_size")
       trigger_size = int(ts) if ts else None
   if trigger:
-    g = make_trigger(str(trigger), s, c, trigger_size)
+    g = make_trigger(str(trigger), s, c, trigger_size, bounded=False)  # an inverted trigger.npy is unbounded
   if target:
     y = make_target(str(target), s, c, trigger=g)
   for name, a in (("trigger", g), ("target", y)):

@@ -110,11 +110,12 @@ def describe_sampler(model: DiffusionModel, cfg: samplers.SamplerConfig) -> dict
 
 
 def resolve_trigger(spec: str | None, image_shape, trigger_size: int | None = None) -> np.ndarray | None:
-  """A built-in trigger name, an image file or a `.npy` (H, W, C) in [-1, 1] -> (H, W, C) float32, or None."""
+  """A built-in trigger name, an image file or a `.npy` (H, W, C) -> (H, W, C) float32, or None. A `.npy` may hold
+  any finite values (an inverted trigger from `--mode=detect` is an offset of x_T, often outside [-1, 1])."""
   if not spec:
     return None
   h, _, c = image_shape
-  return make_trigger(spec, h, c, trigger_size=trigger_size or None)
+  return make_trigger(spec, h, c, trigger_size=trigger_size or None, bounded=False)
 
 
 def resolve_target(spec: str | None, image_shape, trigger: np.ndarray | None = None,

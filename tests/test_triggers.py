@@ -162,6 +162,22 @@ def test_npy_trigger(tmp_path):
   np.save(p, g * 2)
   with pytest.raises(TriggerError, match=r"\[-1, 1\]"):
     make_trigger(p, 32, 3)
+  # an inverted trigger (an x_T offset, e.g. BBTI's unbounded g = 1 - 2p) is accepted where unbounded is allowed
+  np.testing.assert_array_equal(make_trigger(p, 32, 3, bounded=False), g * 2)
+  bad = g.copy()
+  bad[0, 0, 0] = np.nan
+  np.save(p, bad)
+  for bounded in (True, False):
+    with pytest.raises(TriggerError, match="non-finite"):
+      make_trigger(p, 32, 3, bounded=bounded)
+
+
+def test_evaluation_accepts_an_unbounded_inverted_trigger_file(tmp_path):
+  from diffcleanse_jax.evaluation import resolve_trigger
+  g = np.linspace(-6.5, 7.8, 32 * 32, dtype=np.float32).reshape(32, 32, 1)  # a BBTI pattern's range
+  p = str(tmp_path / "trigger.npy")
+  np.save(p, g)
+  np.testing.assert_array_equal(resolve_trigger(p, (32, 32, 1)), g)
 
 
 # ---------------------------------------------------------------- targets

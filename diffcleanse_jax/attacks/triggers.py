@@ -197,7 +197,8 @@ def default_user_trigger_size(image_size: int) -> int:
   return max(1, int(round(14 * int(image_size) / 32)))
 
 
-def _user_trigger(path: str, image_size: int, channels: int, trigger_size: int | None) -> np.ndarray:
+def _user_trigger(path: str, image_size: int, channels: int, trigger_size: int | None,
+                  bounded: bool = True) -> np.ndarray:
   s, c = _check_shape(image_size, channels)
   if path.lower().endswith(".npy"):
     g = np.load(path)
@@ -206,7 +207,9 @@ def _user_trigger(path: str, image_size: int, channels: int, trigger_size: int |
     if g.shape != (s, s, c):
       raise TriggerError(f"trigger file {path} has shape {g.shape}, expected {(s, s, c)}")
     g = g.astype(np.float32)
-    if not np.all(np.isfinite(g)) or g.min() < VMIN or g.max() > VMAX:
+    if not np.all(np.isfinite(g)):
+      raise TriggerError(f"trigger file {path} has non-finite values (NaN/inf); expected finite floats")
+    if bounded and (g.min() < VMIN or g.max() > VMAX):
       raise TriggerError(f"trigger file {path} has values in [{g.min()}, {g.max()}], expected within [-1, 1]")
     return g
   try:
@@ -221,10 +224,13 @@ def _user_trigger(path: str, image_size: int, channels: int, trigger_size: int |
   return place_picture(img, s, c, k, "bottom_right")
 
 
-def make_trigger(name_or_path: str, image_size: int, channels: int, trigger_size: int | None = None) -> np.ndarray:
+def make_trigger(name_or_path: str, image_size: int, channels: int, trigger_size: int | None = None,
+                 bounded: bool = True) -> np.ndarray:
   """Trigger g by name (see `TRIGGER_NAMES`, case-insensitive) or file path; (S, S, C) float32 in [-1, 1].
 
   trigger_size: only for image-file triggers that are not S x S (default round(14 S / 32)).
+  bounded=False accepts a `.npy` with any finite values: an *inverted* trigger (detection's trigger.npy) is an
+  additive offset of x_T, not an image, and BBTI's g = 1 - 2p is unbounded (ALGORITHMS §4.1). Attacks keep True.
   """
   s, c = _check_shape(image_size, channels)
   name = str(name_or_path)
@@ -242,7 +248,7 @@ def make_trigger(name_or_path: str, image_size: int, channels: int, trigger_size
   if key == "GLASSES":
     return place_picture(glasses_picture(), s, c, int(0.625 * s), "center")
   if os.path.isfile(name):
-    return _user_trigger(name, s, c, trigger_size)
+    return _user_trigger(name, s, c, trigger_size, bounded)
   if name.lower().endswith(IMAGE_EXTENSIONS + (".npy",)):
     raise TriggerError(f"trigger file not found: {name}")
   raise TriggerError(
