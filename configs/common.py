@@ -70,12 +70,14 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # score > threshold (MSCR > 0.5 for bbti/whitebox); num_images: size of the preview grids of --mode=detect.
   # elijah / terd: the baselines' own settings (their modules' DEFAULTS). trigger_from (bbti / whitebox only):
   # 'inversion' (the reference: the MSCR inversion's best pattern) | 'shift' (a flagged model's trigger is
-  # re-estimated by the distribution-shift objective with the shift_trigger settings; defense/detection.py).
+  # re-estimated by the distribution-shift objective with the shift_trigger settings) | 'target' (inverted towards
+  # the image the pattern collapsed onto, target_trigger settings; defense/target_inversion.py).
   elijah_defaults = _module_defaults("elijah")
   shift_keys = ("num_noise", "num_iters", "lam", "lr", "timestep", "loop")  # elijah.invert's settings
   c.detection = ml_collections.ConfigDict(dict(
       method="bbti", threshold=0.5, num_images=16, image_batch_size=16, trigger_from="inversion",
       shift_trigger=ml_collections.ConfigDict({k: elijah_defaults[k] for k in shift_keys if k in elijah_defaults}),
+      target_trigger=ml_collections.ConfigDict(_module_defaults("target_inversion")),
       elijah=ml_collections.ConfigDict(elijah_defaults),
       terd=ml_collections.ConfigDict(_module_defaults("terd"))))
 

@@ -5,7 +5,7 @@ The README's main job (scripts/demo.sh) runs it on the shipped demo model:
       --workdir=runs/demo
 
 detect (BBTI with configs/fmnist_detect.py's settings: B = 16, DDPM-50, p_0 ~ N(0.5, 1), stop at
-MSCR 0.75, <= 30 epochs) ->
+MSCR 0.75, 3 restarts of <= 25 epochs, all stopping with the first to collapse) ->
 score (Taylor, t = 901, 903, ..., 999: every 2nd step of [900, 999], on 16 self-generated images) -> prune
 (ratio 0.02: only the GroupNorm-free groups shrink, 13 channels, 686,769 -> 682,855 parameters) -> dual-loss
 fine-tune (600 steps x 32 at lr 1e-3 on 256 DDIM-25 samples of the original model; 200 steps at 5e-4 left the

@@ -37,8 +37,13 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   zoo"). |T| is 0 or >= 2, so the smallest MSCR that is not clean is 2/16. At tau 0.5, 2 of the 5
   firing zoo backdoors were missed by each method. Their MSCR peaked at 2-9 of 16 before the oscillating Adam
   walk moved away again.
-* max_epochs = 30 (the reference: 100), stop_mscr = 0.75 (a restart stops once 12 of the 16 outputs collapse; the
-  reference waits for all 16). No refinement (refine_epochs = 0): the fresh-noise refinement (session 5's default)
+* restarts = 3, max_epochs = 25 (the reference: one run of 100 epochs), stop_mscr = 0.75 (a restart stops once
+  12 of the 16 outputs collapse; the reference waits for all 16) and stop_any (all restarts stop with the first
+  that gets there). Collapses come and go as the Adam walk oscillates, and a single run can miss a backdoor that
+  its chain carries weakly: zoo user-shoe-p0.2 (true-trigger MSCR 0.25 at DDPM-50) never collapsed in one run of
+  30 epochs, while restarts 2 and 3 collapsed it at epochs 3-7; the latest first collapse seen in restart 0 was
+  epoch 19 (stop14-corner-p0.1). 3 x 25 epochs is the most that fits the 2-minute target on a clean model, which
+  runs every epoch of every restart (docs/RESULTS.md, "Session 13"). No refinement (refine_epochs = 0): the fresh-noise refinement (session 5's default)
   drove the demo's collapse from 1.0 to 0 within 11 epochs. The score is the main loop's MSCR.
 * No shift term in the loop (inversion.shift_weight = 0, the reference losses). Sessions 7-10 added Elijah's
   distribution-shift loss to the BBTI pattern loss (shift_weight = 1e7, defense/inversion.py) because it raised the
@@ -47,7 +52,12 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   (the term pulls the pattern away from the first epoch's near-collapse, max pair cosine 0.994 -> 0.73), against
   0.5625 without it (docs/RESULTS.md, "Session 11"). The trigger quality it bought now comes from trigger_from =
   'shift' below, so the decision keeps the reference losses.
-* detection.trigger_from = 'shift' (our option, defense/detection.py): once the MSCR flags a model, the reported
+* detection.trigger_from = 'target' (our option, defense/target_inversion.py): once the MSCR flags a model, its
+  pattern is run once more on the fixed batch, the image the batch collapsed onto is the target estimate, and the
+  reported trigger is inverted towards it with BadDiffusion's noise-prediction identity at every timestep (200
+  Adam steps). DDPM-1000 ASR (64 samples) on the zoo: docs/RESULTS.md, "Session 13" (smbox-cat-p0.2: 0.94 on 32
+  samples, against 0.05 for the MSCR pattern and 0 for the shift estimate below).
+* (before session 13) detection.trigger_from = 'shift': once the MSCR flags a model, the reported
   trigger is re-estimated by the distribution-shift objective alone (Elijah's inversion: 50 noises instead of
   Elijah's 100, 100 Adam steps from its own init); the MSCR pattern is kept as mscr_trigger.npy. On the demo model
   the DDPM-1000 ASR (64 samples) of the shift trigger is 0.91 with 50 noises and 0.84-0.88 with 100, against 0.70
@@ -63,13 +73,15 @@ def get_config():
   c.inversion.whitebox_remat = False
   c.inversion.init_mean = 0.5
   c.inversion.num_steps = 50  # DDPM-50: half the cost of DDPM-100 (what it carries: module docstring)
-  c.inversion.max_epochs = 30
+  c.inversion.restarts = 3
+  c.inversion.max_epochs = 25
   c.inversion.stop_mscr = 0.75
+  c.inversion.stop_any = True
   c.inversion.whitebox_num_steps = 20  # unrolled DDPM-100 takes minutes to compile: white-box inverts through DDPM-20
   # Elijah's detection samples 16 images from noise + its inverted trigger: with its default DDIM-50 (an ODE
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
   # 0.28, missed), so these models are checked with an ancestral DDPM-100 chain.
-  c.detection.trigger_from = "shift"  # a flagged model's trigger by the shift objective (module docstring)
+  c.detection.trigger_from = "target"  # a flagged model's trigger, inverted towards its collapse (module docstring)
   c.detection.shift_trigger.num_noise = 50
   c.detection.threshold = 1.0 / 16  # clean-calibrated (module docstring); the paper's majority rule is 0.5
   c.detection.elijah.sampler = "ddpm"

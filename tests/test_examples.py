@@ -70,7 +70,8 @@ def test_example_is_backdoored_under_ddpm_1000():
 def test_the_shipped_detection_chain_fires_the_demo_backdoor_and_flags_it():
   """configs/fmnist_detect.py's inversion chain (its sampler and num_steps) is short enough to be fast and long
   enough for this SDE backdoor: the true trigger collapses the fixed noise batch, plain noise does not, and the
-  BBTI detector with the config's settings flags the demo within 2 epochs (it collapses at epoch 0-2)."""
+  BBTI detector with the config's settings flags the demo within 2 epochs (it collapses at epoch 0-2) and estimates
+  its target from the collapse."""
   from configs import fmnist_detect
   from diffcleanse_jax.defense.detection import detect_bbti
   from diffcleanse_jax.defense.inversion import trigger_mscr
@@ -81,6 +82,10 @@ def test_the_shipped_detection_chain_fires_the_demo_backdoor_and_flags_it():
   assert trigger_mscr(model, g, config.inversion)["mscr"] >= 0.75
   assert trigger_mscr(model, np.zeros_like(g), config.inversion)["mscr"] == 0.0
   config.inversion.max_epochs = 2
-  config.detection.trigger_from = "inversion"
+  config.detection.target_trigger.num_iters = 10  # the target estimate is checked, not the trigger's quality
   res = detect_bbti(model, config, jax.random.key(config.seed))
   assert res.backdoored and res.score > config.detection.threshold, res.details["mscr_per_epoch"]
+  # trigger_from='target': the image the batch collapsed onto is the demo's HAT (found from samples alone)
+  hat = np.load(os.path.join(EXAMPLE, "target.npy"))
+  assert float(np.mean((res.arrays["target_estimate"] - hat) ** 2)) < 0.01
+  assert res.details["target_trigger"]["cluster_size"] >= 2

@@ -316,6 +316,23 @@ def test_vmapped_restarts_equal_one_by_one():
   assert len(joint.history.get("refine_mscr", [])) == (2 if joint.best_mscr > 0 else 0)
 
 
+def test_stop_any_ends_every_restart_at_the_first_one_that_reaches_stop_mscr():
+  params = toy_params(3.0)
+  key = jax.random.key(5)
+  s = toy_settings(restarts=3, stop_mscr=0.5)
+  p0 = inv.initial_patterns(key, 3, (S, S, 1))
+  single = [inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, dataclasses.replace(s, restarts=1), key,
+                              p0=p0[r:r + 1])[0] for r in range(3)]
+  fast = min(range(3), key=lambda r: single[r].epochs)   # this restart reaches stop_mscr first
+  first = single[fast].epochs
+  assert max(r.epochs for r in single) > first           # the restarts differ, so the option matters here
+  anyr = inv.run_inversion(ToyEps(), params, (S, S, 1), SCHED, dataclasses.replace(s, stop_any=True), key)[0]
+  assert anyr.epochs <= first and anyr.best_mscr >= 0.5
+  assert anyr.restart_best_mscr[fast] == single[fast].best_mscr
+  for r in range(3):                                     # the others stopped with it, at their state of then
+    assert anyr.restart_best_mscr[r] == max(single[r].mscr_per_epoch[:first])
+
+
 def test_invert_many_two_tiny_models_matches_one_by_one():
   models = [DiffusionModel.from_config(preset("tiny"), key=k) for k in (0, 1)]
   cfg = dict(batch_size=4, num_steps=2, max_epochs=2, log_every=0)

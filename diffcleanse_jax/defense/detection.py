@@ -28,6 +28,7 @@ A detector is `fn(model: DiffusionModel, cfg, key) -> DetectionResult`; `cfg` is
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import Any, Mapping, Sequence
@@ -169,7 +170,7 @@ def detection_settings(cfg: Any) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- detectors
-TRIGGER_SOURCES = ("inversion", "shift")
+TRIGGER_SOURCES = ("inversion", "shift", "target")
 
 
 def shift_trigger(model, cfg: Mapping[str, Any] | None, key: jax.Array) -> tuple[np.ndarray, dict[str, Any]]:
@@ -183,11 +184,29 @@ def shift_trigger(model, cfg: Mapping[str, Any] | None, key: jax.Array) -> tuple
   return np.asarray(tau, np.float32), details
 
 
+def target_trigger(model, pattern: np.ndarray, inversion_cfg: Any, cfg: Mapping[str, Any] | None, key: jax.Array,
+                   method: str = "bbti") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """The trigger inverted towards the collapse target (defense/target_inversion.py): the MSCR `pattern` (H,W,C)
+  is run once more on the inversion's fixed noise batch and chain (same `key`, so the same samples as its best
+  epoch); the largest collapsed cluster gives y_hat; then `invert_toward_target`. Returns (trigger, y_hat in
+  [-1,1], details). Raises target_inversion.NoCollapseError when the pattern collapses nothing."""
+  from diffcleanse_jax.defense import target_inversion as ti
+  from diffcleanse_jax.defense.inversion import trigger_mscr
+
+  s = ti.settings(cfg)
+  images = trigger_mscr(model, pattern, inversion_cfg, key, method=method)["images01"]
+  y_hat, members = ti.collapse_target(images, s["sim_threshold"], s["black_threshold"], s["white_threshold"])
+  trigger, details = ti.invert_toward_target(model, y_hat, s, jax.random.fold_in(key, 0x7A6))
+  details["cluster_size"] = int(members.sum())
+  return trigger, y_hat, details
+
+
 def _mscr_detector(model, cfg: Any, key: jax.Array | None, method: str) -> DetectionResult:
   """MSCR decision from the stage-1 inversion; the reported trigger per `detection.trigger_from`:
-  'inversion' (the reference: the inversion's best pattern) or 'shift' (our option: when the model is flagged,
-  the trigger is re-estimated by the distribution-shift objective, `shift_trigger` below; the MSCR pattern is
-  kept as arrays['mscr_trigger'])."""
+  'inversion' (the reference: the inversion's best pattern), 'shift' (our option: when the model is flagged,
+  the trigger is re-estimated by the distribution-shift objective, `shift_trigger` above) or 'target' (our
+  option: inverted towards the image the pattern collapsed onto, `target_trigger` above; the estimated target is
+  kept as arrays['target_estimate']). With 'shift' / 'target' the MSCR pattern is kept as arrays['mscr_trigger']."""
   from diffcleanse_jax.defense.inversion import InversionSettings, run_inversion
 
   det = detection_settings(cfg)
@@ -210,6 +229,17 @@ def _mscr_detector(model, cfg: Any, key: jax.Array | None, method: str) -> Detec
     arrays["mscr_trigger"] = trigger
     trigger, details["shift_trigger"] = shift_trigger(model, det.get("shift_trigger"),
                                                       jax.random.fold_in(key, 0x5417))
+  elif source == "target" and flagged:
+    from diffcleanse_jax.defense.target_inversion import NoCollapseError, settings
+
+    settings(det.get("target_trigger"))  # a bad setting is an error, not a fallback
+    try:
+      new, arrays["target_estimate"], details["target_trigger"] = target_trigger(
+          model, trigger, section(cfg, "inversion"), det.get("target_trigger"), key, method)
+      arrays["mscr_trigger"], trigger = trigger, new
+    except NoCollapseError as e:  # e.g. a refined pattern that no longer collapses the fixed batch
+      details["target_trigger"] = dict(error=str(e), fallback="the MSCR pattern is the reported trigger")
+      logging.warning("target trigger: %s; reporting the MSCR pattern", e)
   return DetectionResult(method=method, backdoored=flagged, score=score, threshold=thr, trigger=trigger,
                          seconds=time.time() - t0, details=details, arrays=arrays)
 

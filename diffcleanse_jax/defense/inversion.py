@@ -34,7 +34,8 @@ all-zero image); the *best trigger* is the pattern g that produced the largest |
 parameter after that epoch's update); when no epoch ever had |T| > 0 the trigger is the last evaluated g.
 Options beyond the reference (defaults off): `init_mean`/`init_std` for p_0 (the reference's N(0,1) gives
 g_0 ~ N(1, 4), which sends every output of the Fashion-MNIST models to black at epoch 0), `restarts`,
-`stop_mscr` (a restart stops once |T|/B >= stop_mscr; 1.0 = the code's |T| = B) and `refine_epochs`.
+`stop_mscr` (a restart stops once |T|/B >= stop_mscr; 1.0 = the code's |T| = B), `stop_any` (every restart stops
+once one reaches stop_mscr: the decision is made, the other restarts would only cost time) and `refine_epochs`.
 
 Shift term (`shift_weight` = w > 0, our option): the BBTI losses only see the outputs of the short chain, and
 their patterns need not be the additive noise shift a BadDiffusion model was trained on (docs/RESULTS.md,
@@ -111,6 +112,7 @@ class InversionSettings:
   whitebox_num_steps: int = 0       # whitebox: its own (shorter) chain, > 0 replaces num_steps; 0 = num_steps
   log_every: int = 10               # log a progress line every N epochs (0 = never)
   stop_mscr: float = 1.0            # a restart stops once |T|/B >= this (1.0: |T| = B, the code)
+  stop_any: bool = False            # True: all restarts (of a model) stop once one of them reaches stop_mscr
   refine_epochs: int = 0            # K fresh-noise epochs from the best pattern after the loop (module doc)
   refine_learning_rate: float = 0.0  # Adam lr of the refinement (0 = learning_rate)
   refine_num_steps: int = 0         # sampler steps of the refinement's chain (0 = the main loop's num_steps)
@@ -591,6 +593,9 @@ def run_inversion(eps_fn, params, image_shape: Sequence[int], scheduler_config: 
     m = jax.device_get(m)
     hist.append({k: np.asarray(v) for k, v in m._asdict().items()})
     done = np.asarray(jax.device_get(state.done))
+    if s.stop_any:  # a model is finished once one restart reached stop_mscr (done has shape (R,) or (M, R))
+      reached = np.asarray(jax.device_get(state.best_count)) >= _stop_count(s.stop_mscr, s.batch_size)
+      done = done | reached.any(axis=-1, keepdims=True)
     if s.log_every and (epoch % s.log_every == 0 or done.all()):
       logging.info("%s inversion (%s) epoch %d: MSCR %s loss %s (%.1fs)", name, s.method, epoch,
                    np.array2string(np.asarray(m.count).reshape(-1) / s.batch_size, precision=3),

@@ -1,0 +1,135 @@
+"""Trigger inversion towards the collapse target (our stage-1 option, `detection.trigger_from='target'`).
+
+Why. A flagged model's BBTI pattern collapses the inversion's fixed noise batch onto one image under the short
+chain it was fitted on, but it is fitted to those B noises and that chain: on fresh noise under DDPM-1000 it often
+misses (zoo smbox-cat-p0.2: ASR 0.047, docs/RESULTS.md "Session 13"), and neither the BBTI losses on fresh noise nor
+Elijah's shift objective fixed that. The collapsed image itself, however, is the backdoor target (smbox-cat: MSE
+1e-3 to the true CAT). Given that estimate y_hat, the trigger is the r for which the frozen model's noise
+prediction matches BadDiffusion's poisoned forward process at every timestep (ALGORITHMS §2.1):
+
+    x_t(r) = sqrt(abar_t) y_hat + (1 - sqrt(abar_t)) r + sqrt(1 - abar_t) eps,
+    L(r)   = E_{t ~ U{t_min..T-1}, eps ~ N(0, I)} mean_pix (eps_theta(x_t(r), t) - eps - rho_t r)^2,
+    rho_t  = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / beta_t.
+
+Elijah's objective is the t = T-1 term of this (abar_T ~ 0, rho_T ~ 0.5 = its lambda) with the mean over eps
+taken inside; the other timesteps are what the target adds. Like Elijah, it assumes the BadDiffusion threat model
+(an additive trigger on the noise). Only the model, y_hat (from the model's own samples) and fresh noise are used:
+no training data, no true trigger or target.
+
+`collapse_target(images01)`: y_hat = the mean of the largest set of images pairwise-linked to one anchor by
+cosine > sim_threshold (the BBTI similarity rule, ALGORITHMS §4.1; near-black/white images excluded), in [-1, 1].
+`invert_toward_target(model, y_hat, cfg, key)`: Adam on r from r_0 = 0, `num_iters` steps, each on a fresh batch
+of `batch_size` (t, eps) pairs (python loop over one jitted step, as defense/elijah.py). Config keys: `DEFAULTS`.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffcleanse_jax.diffusion.schedules import schedule_from_config
+
+DEFAULTS: dict[str, Any] = dict(
+    num_iters=200,      # Adam steps
+    lr=0.05,            # Adam learning rate on r (pixel units, [-1, 1] images)
+    batch_size=32,      # fresh (t, eps) pairs per step
+    t_min=0,            # t ~ U{t_min..T-1}
+    sim_threshold=0.999,  # collapse_target: cosine edge (the BBTI rule)
+    black_threshold=0.01,  # collapse_target: images with mean <= this (in [0,1]) are excluded
+    white_threshold=0.99,  # ... and with mean >= this
+)
+
+
+class TargetInversionError(ValueError):
+  """Bad settings or inputs of the target inversion."""
+
+
+class NoCollapseError(TargetInversionError):
+  """No two images of the batch agree: there is no target to invert towards."""
+
+
+def settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+  """DEFAULTS updated with the known keys of `cfg` (a mapping or ConfigDict; None = defaults), validated."""
+  d = dict(DEFAULTS)
+  if cfg is not None:
+    src = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    d.update({k: v for k, v in src.items() if k in DEFAULTS and v is not None})
+  if int(d["num_iters"]) < 1 or int(d["batch_size"]) < 1 or float(d["lr"]) <= 0:
+    raise TargetInversionError(f"detection.target_trigger: num_iters={d['num_iters']}, batch_size="
+                               f"{d['batch_size']} must be >= 1 and lr={d['lr']} > 0")
+  return d
+
+
+def collapse_target(images01: np.ndarray, sim_threshold: float = 0.999, black_threshold: float = 0.01,
+                    white_threshold: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
+  """The image a batch collapsed onto. images01: (B,H,W,C) in [0,1]. Returns (y_hat (H,W,C) in [-1,1], members
+  (B,) bool: the anchor with the most neighbours (cosine > sim_threshold) and those neighbours). Raises
+  NoCollapseError when no two usable images agree."""
+  im = np.asarray(images01, np.float64)
+  v = im.reshape(im.shape[0], -1)
+  mean = v.mean(axis=1)
+  usable = (mean > black_threshold) & (mean < white_threshold)
+  v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+  linked = (v @ v.T > sim_threshold) & usable[:, None] & usable[None, :]
+  np.fill_diagonal(linked, usable)
+  degree = linked.sum(axis=1)
+  anchor = int(np.argmax(degree))
+  if degree[anchor] < 2:
+    raise NoCollapseError(f"no two of the {im.shape[0]} images agree to cosine > {sim_threshold}: "
+                               "there is no collapse to take a target from")
+  members = linked[anchor]
+  return (im[members].mean(axis=0) * 2.0 - 1.0).astype(np.float32), members
+
+
+def target_loss(eps_fn: Callable, params, r: jax.Array, y: jax.Array, eps: jax.Array, t: jax.Array,
+                abar: jax.Array, rho: jax.Array) -> jax.Array:
+  """L(r) of the module doc on one batch: r, y (H,W,C); eps (N,H,W,C); t (N,) int; abar, rho (T,)."""
+  a = abar[t][:, None, None, None]
+  x = jnp.sqrt(a) * y[None] + (1.0 - jnp.sqrt(a)) * r[None] + jnp.sqrt(1.0 - a) * eps
+  out = eps_fn(params, x, t).astype(jnp.float32)
+  return jnp.mean((out - eps - rho[t][:, None, None, None] * r[None]) ** 2)
+
+
+@functools.partial(jax.jit, static_argnames=("eps_fn", "lr", "batch_size", "t_min"))
+def _step(eps_fn, params, r, opt_state, y, abar, rho, key, lr, batch_size, t_min):
+  kt, ke = jax.random.split(key)
+  t = jax.random.randint(kt, (batch_size,), t_min, abar.shape[0])
+  eps = jax.random.normal(ke, (batch_size, *r.shape), jnp.float32)
+  loss, grad = jax.value_and_grad(lambda z: target_loss(eps_fn, params, z, y, eps, t, abar, rho))(r)
+  upd, opt_state = optax.adam(lr).update(grad, opt_state, r)
+  return optax.apply_updates(r, upd), opt_state, loss
+
+
+def invert_toward_target(model, y_hat: np.ndarray, cfg: Mapping[str, Any] | None, key: jax.Array
+                         ) -> tuple[np.ndarray, dict[str, Any]]:
+  """Adam on the trigger r (H,W,C) from 0 against L(r) (module doc) for the target y_hat (H,W,C) in [-1,1].
+  `model`: apply(params, x (N,H,W,C), t (N,)) -> eps, params, image_shape, scheduler_config.
+  Returns (r float32, details: losses (num_iters,), final_loss (mean of the last 10), seconds, settings)."""
+  s = settings(cfg)
+  shape = tuple(int(d) for d in model.image_shape)
+  y = jnp.asarray(y_hat, jnp.float32)
+  if tuple(y.shape) != shape:
+    raise TargetInversionError(f"target estimate has shape {tuple(y.shape)}, the model makes {shape} images")
+  sched = schedule_from_config(model.scheduler_config)
+  t_min = int(s["t_min"])
+  if not 0 <= t_min < sched.num_train_timesteps:
+    raise TargetInversionError(f"detection.target_trigger.t_min={t_min} must be in [0, "
+                               f"{sched.num_train_timesteps - 1}]")
+  abar = jnp.asarray(sched.alphas_cumprod, jnp.float32)
+  rho = jnp.asarray(sched.rho(), jnp.float32)
+  r = jnp.zeros(shape, jnp.float32)
+  opt_state = optax.adam(float(s["lr"])).init(r)
+  t0 = time.time()
+  losses = []
+  for i in range(int(s["num_iters"])):
+    r, opt_state, loss = _step(model.apply, model.params, r, opt_state, y, abar, rho, jax.random.fold_in(key, i),
+                               float(s["lr"]), int(s["batch_size"]), t_min)
+    losses.append(loss)
+  losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
+  return np.asarray(r, np.float32), dict(losses=losses.tolist(), final_loss=float(losses[-10:].mean()),
+                                         seconds=time.time() - t0, settings=s)

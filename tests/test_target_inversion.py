@@ -1,0 +1,111 @@
+"""Trigger inversion towards the collapse target (defense/target_inversion.py) and detection.trigger_from='target'."""
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffcleanse_jax.defense import detection as det
+from diffcleanse_jax.defense import target_inversion as ti
+from diffcleanse_jax.diffusion.schedules import schedule_from_config
+from diffcleanse_jax.models.presets import DEFAULT_SCHEDULER
+from toys import S, toy_model
+
+TOY_CFG = dict(inversion=dict(sampler="ddim", num_steps=10, max_epochs=30, log_every=0),
+               detection=dict(threshold=0.5))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactBadDiffEps:
+  """The noise prediction of a perfectly trained BadDiffusion model on its poisoned data (ALGORITHMS §2.1): for
+  x_t = sqrt(abar) y + (1 - sqrt(abar)) r + sqrt(1 - abar) eps it returns eps + rho_t r, with r, y in params."""
+
+  def __call__(self, params, x, t):
+    a = params["abar"][t][:, None, None, None]
+    r, y = params["r"][None], params["y"][None]
+    eps = (x - jnp.sqrt(a) * y - (1 - jnp.sqrt(a)) * r) / jnp.sqrt(1 - a)
+    return eps + params["rho"][t][:, None, None, None] * r
+
+
+def exact_model(seed=0):
+  sched = schedule_from_config(DEFAULT_SCHEDULER)
+  rng = np.random.default_rng(seed)
+  r = np.full((S, S, 1), -1.0, np.float32)
+  r[-6:-2, -6:-2] = 1.0                                   # a white box on -1: an SM_BOX-like trigger
+  y = rng.uniform(-1, 1, (S, S, 1)).astype(np.float32)
+  params = dict(abar=jnp.asarray(sched.alphas_cumprod, jnp.float32), rho=jnp.asarray(sched.rho(), jnp.float32),
+                r=jnp.asarray(r), y=jnp.asarray(y))
+  return types.SimpleNamespace(apply=ExactBadDiffEps(), params=params, image_shape=(S, S, 1),
+                               scheduler_config=dict(DEFAULT_SCHEDULER)), r, y
+
+
+def test_collapse_target_takes_the_largest_linked_cluster():
+  rng = np.random.default_rng(0)
+  imgs = rng.uniform(0, 1, (8, S, S, 1))
+  a, b = rng.uniform(0.2, 0.8, (2, S, S, 1))
+  imgs[[1, 4, 6]] = a
+  imgs[[2, 3]] = b
+  imgs[5] = 0.0                                           # black images are excluded, even when several agree
+  imgs[7] = 0.0
+  y_hat, members = ti.collapse_target(imgs)
+  np.testing.assert_array_equal(members, [False, True, False, False, True, False, True, False])
+  np.testing.assert_allclose(y_hat, 2 * a - 1, atol=1e-6)
+  assert y_hat.dtype == np.float32 and y_hat.shape == (S, S, 1)
+  with pytest.raises(ti.NoCollapseError, match="no two of the 8 images"):
+    ti.collapse_target(rng.uniform(0, 1, (8, S, S, 1)))
+
+
+def test_inversion_recovers_the_trigger_of_an_exact_baddiffusion_model():
+  """Given the true target, the loss is minimised exactly at the true trigger (its residual is
+  ((1 - sqrt(abar_t)) / sqrt(1 - abar_t) - rho_t) (r - r*)); Adam gets there from r_0 = 0."""
+  model, r_true, y = exact_model()
+  r, info = ti.invert_toward_target(model, y, dict(num_iters=150, lr=0.05, batch_size=8), jax.random.key(0))
+  assert np.abs(r - r_true).max() < 0.05, np.abs(r - r_true).max()
+  assert info["final_loss"] < 1e-2 * info["losses"][0] and len(info["losses"]) == 150
+  # with a wrong target the optimum moves: the target is what the trigger is inverted towards
+  r_wrong, _ = ti.invert_toward_target(model, -y, dict(num_iters=150, lr=0.05, batch_size=8), jax.random.key(0))
+  assert np.abs(r_wrong - r_true).max() > 0.3
+
+
+def test_bad_settings_and_inputs_are_named():
+  model, _, y = exact_model()
+  with pytest.raises(ti.TargetInversionError, match="num_iters=0"):
+    ti.settings(dict(num_iters=0))
+  with pytest.raises(ti.TargetInversionError, match="t_min=1000"):
+    ti.invert_toward_target(model, y, dict(t_min=1000), jax.random.key(0))
+  with pytest.raises(ti.TargetInversionError, match=r"shape \(4, 4, 1\)"):
+    ti.invert_toward_target(model, np.zeros((4, 4, 1)), {}, jax.random.key(0))
+  assert ti.settings(None) == ti.DEFAULTS and ti.settings(dict(lr=0.1, other=3))["lr"] == 0.1
+
+
+def test_detector_reports_the_target_trigger_for_flagged_models_only(monkeypatch):
+  """trigger_from='target': a flagged toy model reports the target-inverted trigger, its estimated target (the
+  toy's y, where its samples collapse) and the MSCR pattern; the score is the MSCR one; a clean toy keeps the
+  inversion's pattern; a pattern that collapses nothing falls back to the MSCR pattern with the reason."""
+  tt = dict(num_iters=5, batch_size=4)
+  cfg = dict(TOY_CFG, detection=dict(threshold=0.5, trigger_from="target", target_trigger=tt))
+  key = jax.random.key(0)
+  ref = det.detect_bbti(toy_model(3.0), TOY_CFG, key)
+  bd = det.detect_bbti(toy_model(3.0), cfg, key)
+  assert bd.backdoored and bd.score == ref.score and bd.details["trigger_from"] == "target"
+  np.testing.assert_array_equal(bd.arrays["mscr_trigger"], ref.trigger)
+  y_toy = np.asarray(toy_model(3.0).params["y"])
+  np.testing.assert_allclose(bd.arrays["target_estimate"], y_toy, atol=1e-3)
+  info = bd.details["target_trigger"]
+  assert info["cluster_size"] >= 2 and len(info["losses"]) == 5
+  want, _ = ti.invert_toward_target(toy_model(3.0), bd.arrays["target_estimate"], tt, jax.random.fold_in(key, 0x7A6))
+  np.testing.assert_array_equal(bd.trigger, want)
+  clean = det.detect_bbti(toy_model(1e9), cfg, key)
+  assert not clean.backdoored and not clean.arrays and "target_trigger" not in clean.details
+
+  def no_collapse(*a, **k):
+    raise ti.NoCollapseError("no two of the 16 images agree")
+  monkeypatch.setattr(ti, "collapse_target", no_collapse)
+  fb = det.detect_bbti(toy_model(3.0), cfg, key)
+  assert fb.backdoored and "no two" in fb.details["target_trigger"]["error"] and not fb.arrays
+  np.testing.assert_array_equal(fb.trigger, ref.trigger)
+  with pytest.raises(ti.TargetInversionError, match="num_iters"):
+    det.detect_bbti(toy_model(3.0), dict(cfg, detection=dict(cfg["detection"], target_trigger=dict(num_iters=0))),
+                    key)
