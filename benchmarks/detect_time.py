@@ -13,7 +13,7 @@ CPU-preset model in under 2 minutes on 2 cores). Also reported: the detector's o
 main source of error). Output: a table on stdout and JSON (--out, default benchmarks/results/detect_time.json)
 with the machine, date and exact commands. `--compile_cache DIR` passes launch.py's persistent compilation cache
 (an empty DIR: the first run compiles and fills it, `--repeat` runs after it read it); `decision_seconds` is the
-detector's time up to its decision (before a detection.trigger_from='shift' re-estimate).
+detector's time up to its decision (before a detection.trigger_from='shift'/'target' re-estimate).
 """
 from __future__ import annotations
 

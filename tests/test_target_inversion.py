@@ -1,5 +1,6 @@
 """Trigger inversion towards the collapse target (defense/target_inversion.py) and detection.trigger_from='target'."""
 import dataclasses
+import json
 import types
 
 import jax
@@ -109,3 +110,19 @@ def test_detector_reports_the_target_trigger_for_flagged_models_only(monkeypatch
   with pytest.raises(ti.TargetInversionError, match="num_iters"):
     det.detect_bbti(toy_model(3.0), dict(cfg, detection=dict(cfg["detection"], target_trigger=dict(num_iters=0))),
                     key)
+
+
+def test_detect_mode_writes_the_target_estimate(monkeypatch, tmp_path):
+  from configs.tiny_test import get_config
+  from diffcleanse_jax.defense import workflow as wf
+
+  c = get_config()
+  c.inversion.update(dict(sampler="ddim", num_steps=10, max_epochs=30, log_every=0, init_mean=0.0, restarts=1))
+  c.detection.update(dict(threshold=0.5, trigger_from="target", num_images=0))
+  c.detection.target_trigger.update(dict(num_iters=5, batch_size=4))
+  monkeypatch.setattr(wf, "load_model_dir", lambda path: toy_model(3.0))
+  res = wf.detect(c, str(tmp_path), "toy")
+  d = json.load(open(tmp_path / "detection.json"))
+  assert d["backdoored"] and d["arrays"] == ["mscr_trigger", "target_estimate"]
+  np.testing.assert_array_equal(np.load(tmp_path / "target_estimate.npy"), res.arrays["target_estimate"])
+  assert (tmp_path / "target_estimate.png").is_file() and (tmp_path / "trigger.png").is_file()

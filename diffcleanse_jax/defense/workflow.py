@@ -11,8 +11,9 @@ white-box read `config.inversion`, Elijah/TERD read `config.detection.elijah` / 
 detect writes to the workdir: `detection.json` (method, backdoored, score, threshold, seconds, model, details),
 `trigger.npy` (H,W,C inverted trigger, x_T = eps + trigger), `trigger.png`, `samples_clean.png` (from eps) and
 `samples_inverted.png` (from eps + trigger, the same eps), sampled with the inversion's short sampler. With
-`detection.trigger_from='shift'` a flagged model's trigger.npy is the distribution-shift estimate and the MSCR
-inversion's pattern is also written, as `mscr_trigger.npy` (detection.json lists such extra arrays in "arrays").
+`detection.trigger_from='shift'` / `'target'` a flagged model's trigger.npy is the distribution-shift estimate / the
+trigger inverted towards its collapse target, and the MSCR inversion's pattern is also written, as `mscr_trigger.npy`
+('target' also writes `target_estimate.npy`, (H,W,C) in [-1,1]; detection.json lists such extra arrays in "arrays").
 
 scan treats every sub-folder of --models_dir as a model (a training/attack workdir, a diffusers folder or a native
 folder); it writes one row per model to `scan.csv` and `scan.md` (name, method, score, threshold, backdoored,
@@ -154,6 +155,8 @@ def detect(config, workdir: str, model_path: str) -> DetectionResult:
   write_detection(res, workdir, os.path.abspath(model_path))
   if res.trigger is not None:
     image_io.save_image_pm1(np.asarray(res.trigger), os.path.join(workdir, "trigger.png"))
+  if "target_estimate" in (res.arrays or {}):  # what the backdoor emits, as the defender sees it
+    image_io.save_image_pm1(np.asarray(res.arrays["target_estimate"]), os.path.join(workdir, "target_estimate.png"))
   n = int(det.get("num_images", 16) or 0)
   if n > 0:
     scfg = preview_sampler(config, model)
