@@ -65,6 +65,12 @@ def test_inversion_recovers_the_trigger_of_an_exact_baddiffusion_model():
   r, info = ti.invert_toward_target(model, y, dict(num_iters=150, lr=0.05, batch_size=8), jax.random.key(0))
   assert np.abs(r - r_true).max() < 0.05, np.abs(r - r_true).max()
   assert info["final_loss"] < 1e-2 * info["losses"][0] and len(info["losses"]) == 150
+  # r_0 = init_value (Adam moves each pixel by about lr per step); a cosine-decayed lr converges too
+  r1, _ = ti.invert_toward_target(model, y, dict(num_iters=1, lr=0.05, init_value=-1.0), jax.random.key(0))
+  assert np.abs(r1 + 1.0).max() <= 0.05 + 1e-6 and np.abs(r1 + 1.0).max() > 0.04
+  r_cos, _ = ti.invert_toward_target(model, y, dict(num_iters=150, lr=0.05, batch_size=8, init_value=-1.0,
+                                                    cosine_decay=True), jax.random.key(0))
+  assert np.abs(r_cos - r_true).max() < 0.05
   # with a wrong target the optimum moves: the target is what the trigger is inverted towards
   r_wrong, _ = ti.invert_toward_target(model, -y, dict(num_iters=150, lr=0.05, batch_size=8), jax.random.key(0))
   assert np.abs(r_wrong - r_true).max() > 0.3

@@ -18,8 +18,13 @@ no training data, no true trigger or target.
 
 `collapse_target(images01)`: y_hat = the mean of the largest set of images pairwise-linked to one anchor by
 cosine > sim_threshold (the BBTI similarity rule, ALGORITHMS §4.1; near-black/white images excluded), in [-1, 1].
-`invert_toward_target(model, y_hat, cfg, key)`: Adam on r from r_0 = 0, `num_iters` steps, each on a fresh batch
-of `batch_size` (t, eps) pairs (python loop over one jitted step, as defense/elijah.py). Config keys: `DEFAULTS`.
+`invert_toward_target(model, y_hat, cfg, key)`: Adam on r from the constant r_0 = init_value, `num_iters` steps, each
+on a fresh batch of `batch_size` (t, eps) pairs (python loop over one jitted step, as defense/elijah.py). Config
+keys: `DEFAULTS`. r_0 = -1 (black) and not 0: a BadDiffusion trigger is -1 outside its stamp, and the poisoned
+training inputs carry a clean image there, so the loss is flat in the background directions a clean image can take;
+from r_0 = 0 (a uniform grey no clean image has) the zoo's box14-hat-p0.1 and stop14-corner-p0.1 did not converge
+for 3 of 4 keys (final loss ~0.008, DDPM-1000 ASR 0-0.05), from r_0 = -1 every key tried did (loss ~0.004, ASR
+0.94-1; docs/RESULTS.md "Session 13").
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ DEFAULTS: dict[str, Any] = dict(
     lr=0.05,            # Adam learning rate on r (pixel units, [-1, 1] images)
     batch_size=32,      # fresh (t, eps) pairs per step
     t_min=0,            # t ~ U{t_min..T-1}
+    init_value=-1.0,    # r_0: a constant image; -1 = black, the background of BadDiffusion's triggers (module doc)
+    cosine_decay=False,  # Adam lr decays to 0 along a cosine over num_iters
     sim_threshold=0.999,  # collapse_target: cosine edge (the BBTI rule)
     black_threshold=0.01,  # collapse_target: images with mean <= this (in [0,1]) are excluded
     white_threshold=0.99,  # ... and with mean >= this
@@ -95,7 +102,7 @@ def target_loss(eps_fn: Callable, params, r: jax.Array, y: jax.Array, eps: jax.A
   return jnp.mean((out - eps - rho[t][:, None, None, None] * r[None]) ** 2)
 
 
-@functools.partial(jax.jit, static_argnames=("eps_fn", "lr", "batch_size", "t_min"))
+@functools.partial(jax.jit, static_argnames=("eps_fn", "batch_size", "t_min"))
 def _step(eps_fn, params, r, opt_state, y, abar, rho, key, lr, batch_size, t_min):
   kt, ke = jax.random.split(key)
   t = jax.random.randint(kt, (batch_size,), t_min, abar.shape[0])
@@ -122,13 +129,15 @@ def invert_toward_target(model, y_hat: np.ndarray, cfg: Mapping[str, Any] | None
                                f"{sched.num_train_timesteps - 1}]")
   abar = jnp.asarray(sched.alphas_cumprod, jnp.float32)
   rho = jnp.asarray(sched.rho(), jnp.float32)
-  r = jnp.zeros(shape, jnp.float32)
+  r = jnp.full(shape, float(s["init_value"]), jnp.float32)
   opt_state = optax.adam(float(s["lr"])).init(r)
   t0 = time.time()
   losses = []
-  for i in range(int(s["num_iters"])):
+  n = int(s["num_iters"])
+  for i in range(n):
+    lr = float(s["lr"]) * (0.5 * (1 + np.cos(np.pi * i / n)) if s["cosine_decay"] else 1.0)
     r, opt_state, loss = _step(model.apply, model.params, r, opt_state, y, abar, rho, jax.random.fold_in(key, i),
-                               float(s["lr"]), int(s["batch_size"]), t_min)
+                               jnp.float32(lr), int(s["batch_size"]), t_min)
     losses.append(loss)
   losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
   return np.asarray(r, np.float32), dict(losses=losses.tolist(), final_loss=float(losses[-10:].mean()),
