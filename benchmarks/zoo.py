@@ -477,7 +477,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
                   clean=False)
   key = jax.random.key(int(config.seed))
   # Cached results are reused only if made with the same settings: a digest of what each detector reads
-  # (BBTI/white-box: config.inversion; Elijah/TERD: their detection sub-section) + eval. The MSCR detectors'
+  # (BBTI/white-box: config.inversion and detection.shift_trigger/target_trigger; Elijah/TERD: their detection
+  # sub-section) + eval + the scalar detection fields (trigger_from, ...). The MSCR detectors'
   # threshold only decides, so it is not in the digest: their cached scores are re-decided under the current
   # config.detection.threshold (a recalibrated tau needs no new inversions).
   det_cfg = config.detection.to_dict() if hasattr(config.detection, "to_dict") else dict(config.detection)
@@ -491,7 +492,10 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
     return {k: v for k, v in d.items() if method == "whitebox" or not k.startswith("whitebox_")}
 
   def digest(det_name):
-    own = det_cfg.get(det_name) if isinstance(det_cfg.get(det_name), dict) else inversion_fields(det_name)
+    if isinstance(det_cfg.get(det_name), dict):
+      own = det_cfg[det_name]
+    else:  # MSCR detectors: the inversion, and the sub-sections of the trigger re-estimates (trigger_from)
+      own = dict(inversion_fields(det_name), **{k: det_cfg.get(k) for k in ("shift_trigger", "target_trigger")})
     return _settings_digest(dict(seed=config.seed, detection=common, own=own, eval=eval_cfg))
   fingerprint = _settings_digest(dict(seed=config.seed, inversion=inversion_fields("bbti")))  # true-trigger MSCR
   rows: list[dict[str, Any]] = []

@@ -352,6 +352,13 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   b4 = res4["summary"]["bbti"]
   assert b4["accuracy"] == 1.0 and b4["tp"] == 8 and b4["fp"] == 0
   assert {r["threshold"] for r in res4["rows"]} == {0.2}
+  # ... but the settings of the reported trigger's re-estimate (a nested detection section) do make it stale
+  retrig = get_config()
+  retrig.detection.target_trigger.num_iters = 7
+  calls.clear()
+  zoo.evaluate(str(z), ["bbti"], retrig, asr_samples=0, load_fn=lambda p: p, mscr_fn=False,
+               detector_fns=dict(bbti=lambda m, c, k: calls.append(m) or low(m, c, k)))
+  assert len(calls) == 12
 
 
 def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
