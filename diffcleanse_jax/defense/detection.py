@@ -191,11 +191,12 @@ def target_trigger(model, pattern: np.ndarray, inversion_cfg: Any, cfg: Mapping[
   epoch); the largest collapsed cluster gives y_hat; then `invert_toward_target`. Returns (trigger, y_hat in
   [-1,1], details). Raises target_inversion.NoCollapseError when the pattern collapses nothing."""
   from diffcleanse_jax.defense import target_inversion as ti
-  from diffcleanse_jax.defense.inversion import trigger_mscr
+  from diffcleanse_jax.defense.inversion import InversionSettings, trigger_mscr
 
-  s = ti.settings(cfg)
+  s = ti.settings(cfg)  # validated before the sampling pass
+  inv = InversionSettings.from_config(inversion_cfg, method=method)
   images = trigger_mscr(model, pattern, inversion_cfg, key, method=method)["images01"]
-  y_hat, members = ti.collapse_target(images, s["sim_threshold"], s["black_threshold"], s["white_threshold"])
+  y_hat, members = ti.collapse_target(images, inv.sim_threshold, inv.black_threshold, inv.white_threshold)
   trigger, details = ti.invert_toward_target(model, y_hat, s, jax.random.fold_in(key, 0x7A6))
   details["cluster_size"] = int(members.sum())
   return trigger, y_hat, details
@@ -230,10 +231,9 @@ def _mscr_detector(model, cfg: Any, key: jax.Array | None, method: str) -> Detec
     trigger, details["shift_trigger"] = shift_trigger(model, det.get("shift_trigger"),
                                                       jax.random.fold_in(key, 0x5417))
   elif source == "target" and flagged:
-    from diffcleanse_jax.defense.target_inversion import NoCollapseError, settings
+    from diffcleanse_jax.defense.target_inversion import NoCollapseError
 
-    settings(det.get("target_trigger"))  # a bad setting is an error, not a fallback
-    try:
+    try:  # only a missing collapse falls back; a bad setting (TargetInversionError) is raised
       new, arrays["target_estimate"], details["target_trigger"] = target_trigger(
           model, trigger, section(cfg, "inversion"), det.get("target_trigger"), key, method)
       arrays["mscr_trigger"], trigger = trigger, new

@@ -16,8 +16,9 @@ taken inside; the other timesteps are what the target adds. Like Elijah, it assu
 (an additive trigger on the noise). Only the model, y_hat (from the model's own samples) and fresh noise are used:
 no training data, no true trigger or target.
 
-`collapse_target(images01)`: y_hat = the mean of the largest set of images pairwise-linked to one anchor by
-cosine > sim_threshold (the BBTI similarity rule, ALGORITHMS §4.1; near-black/white images excluded), in [-1, 1].
+`collapse_target(images01)`: y_hat = the mean of the anchor with the most neighbours and those neighbours in the
+BBTI similarity graph (`inversion.target_sets`: cosine > sim_threshold, near-black/white images excluded; the
+detector passes the inversion's own thresholds), in [-1, 1].
 `invert_toward_target(model, y_hat, cfg, key)`: Adam on r from the constant r_0 = init_value, `num_iters` steps, each
 on a fresh batch of `batch_size` (t, eps) pairs (python loop over one jitted step, as defense/elijah.py). Config
 keys: `DEFAULTS`. r_0 = -1 (black) and not 0: a BadDiffusion trigger is -1 outside its stamp, and the poisoned
@@ -46,9 +47,6 @@ DEFAULTS: dict[str, Any] = dict(
     t_min=0,            # t ~ U{t_min..T-1}
     init_value=-1.0,    # r_0: a constant image; -1 = black, the background of BadDiffusion's triggers (module doc)
     cosine_decay=False,  # Adam lr decays to 0 along a cosine over num_iters
-    sim_threshold=0.999,  # collapse_target: cosine edge (the BBTI rule)
-    black_threshold=0.01,  # collapse_target: images with mean <= this (in [0,1]) are excluded
-    white_threshold=0.99,  # ... and with mean >= this
 )
 
 
@@ -77,19 +75,18 @@ def collapse_target(images01: np.ndarray, sim_threshold: float = 0.999, black_th
   """The image a batch collapsed onto. images01: (B,H,W,C) in [0,1]. Returns (y_hat (H,W,C) in [-1,1], members
   (B,) bool: the anchor with the most neighbours (cosine > sim_threshold) and those neighbours). Raises
   NoCollapseError when no two usable images agree."""
+  from diffcleanse_jax.defense.inversion import target_sets
+
   im = np.asarray(images01, np.float64)
-  v = im.reshape(im.shape[0], -1)
-  mean = v.mean(axis=1)
-  usable = (mean > black_threshold) & (mean < white_threshold)
-  v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-  linked = (v @ v.T > sim_threshold) & usable[:, None] & usable[None, :]
-  np.fill_diagonal(linked, usable)
-  degree = linked.sum(axis=1)
-  anchor = int(np.argmax(degree))
-  if degree[anchor] < 2:
+  edges = np.asarray(target_sets(jnp.asarray(im, jnp.float32), sim_threshold, black_threshold,
+                                 white_threshold).edges)
+  linked = edges | edges.T
+  anchor = int(np.argmax(linked.sum(axis=1)))
+  if not linked[anchor].any():
     raise NoCollapseError(f"no two of the {im.shape[0]} images agree to cosine > {sim_threshold}: "
-                               "there is no collapse to take a target from")
-  members = linked[anchor]
+                          "there is no collapse to take a target from")
+  members = linked[anchor].copy()
+  members[anchor] = True
   return (im[members].mean(axis=0) * 2.0 - 1.0).astype(np.float32), members
 
 
@@ -114,7 +111,7 @@ def _step(eps_fn, params, r, opt_state, y, abar, rho, key, lr, batch_size, t_min
 
 def invert_toward_target(model, y_hat: np.ndarray, cfg: Mapping[str, Any] | None, key: jax.Array
                          ) -> tuple[np.ndarray, dict[str, Any]]:
-  """Adam on the trigger r (H,W,C) from 0 against L(r) (module doc) for the target y_hat (H,W,C) in [-1,1].
+  """Adam on the trigger r (H,W,C) from the constant init_value against L(r) (module doc) for the target y_hat (H,W,C) in [-1,1].
   `model`: apply(params, x (N,H,W,C), t (N,)) -> eps, params, image_shape, scheduler_config.
   Returns (r float32, details: losses (num_iters,), final_loss (mean of the last 10), seconds, settings)."""
   s = settings(cfg)
