@@ -91,7 +91,7 @@ def test_detector_reports_the_target_trigger_for_flagged_models_only(monkeypatch
   """trigger_from='target': a flagged toy model reports the target-inverted trigger, its estimated target (the
   toy's y, where its samples collapse) and the MSCR pattern; the score is the MSCR one; a clean toy keeps the
   inversion's pattern; a pattern that collapses nothing falls back to the MSCR pattern with the reason."""
-  tt = dict(num_iters=5, batch_size=4)
+  tt = dict(num_iters=5, batch_size=4, refine_rounds=0)
   cfg = dict(TOY_CFG, detection=dict(threshold=0.5, trigger_from="target", target_trigger=tt))
   key = jax.random.key(0)
   ref = det.detect_bbti(toy_model(3.0), TOY_CFG, key)
@@ -116,6 +116,52 @@ def test_detector_reports_the_target_trigger_for_flagged_models_only(monkeypatch
   with pytest.raises(ti.TargetInversionError, match="num_iters"):
     det.detect_bbti(toy_model(3.0), dict(cfg, detection=dict(cfg["detection"], target_trigger=dict(num_iters=0))),
                     key)
+  with pytest.raises(ti.TargetInversionError, match="refine_rounds"):
+    ti.settings(dict(refine_rounds=-1))
+
+
+def _batch(rng, n, cluster, image):
+  """n distinct mid-grey [0,1] images, the first `cluster` of them replaced by copies of `image`."""
+  ims = rng.uniform(0.2, 0.8, (n, S, S, 1))
+  ims[:cluster] = image
+  return ims
+
+
+@pytest.mark.parametrize("refined_cluster, accepted", [(48, True), (6, False), (0, False)])
+def test_target_refinement_keeps_a_larger_collapse_only(monkeypatch, refined_cluster, accepted):
+  """refine_rounds=1: the first trigger is run on refine_batch_size fixed noises; when a larger share collapses than
+  the pattern's 2 of 16, y_hat becomes that cluster's mean and the reported trigger is inverted towards it; a
+  smaller share (6/64) or no collapse keeps the first estimate and trigger."""
+  from diffcleanse_jax.defense import inversion
+
+  rng = np.random.default_rng(0)
+  coarse, sharp = rng.uniform(0.2, 0.8, (S, S, 1)), rng.uniform(0.2, 0.8, (S, S, 1))
+  calls = []
+
+  def fake_mscr(model, trigger, cfg, key, method="bbti", batch_size=None):
+    calls.append((np.asarray(trigger).copy(), batch_size))
+    if batch_size is None:                                   # the MSCR pattern on the inversion's own batch
+      return dict(images01=_batch(rng, 16, 2, coarse))
+    return dict(images01=_batch(rng, batch_size, refined_cluster, sharp))
+
+  def fake_invert(model, y_hat, cfg, key):
+    return np.full((S, S, 1), float(np.mean(y_hat)), np.float32), dict(final_loss=float(len(calls)))
+
+  monkeypatch.setattr(inversion, "trigger_mscr", fake_mscr)
+  monkeypatch.setattr(ti, "invert_toward_target", fake_invert)
+  pattern = np.zeros((S, S, 1), np.float32)
+  trig, y_hat, info = det.target_trigger(toy_model(3.0), pattern, TOY_CFG["inversion"],
+                                         dict(refine_rounds=1, refine_batch_size=64), jax.random.key(0))
+  assert [b for _, b in calls] == [None, 64]
+  np.testing.assert_array_equal(calls[0][0], pattern)
+  first = np.full((S, S, 1), np.mean(coarse * 2 - 1), np.float32)
+  np.testing.assert_array_equal(calls[1][0], first)          # the refinement samples with the first trigger
+  want_y = (sharp if accepted else coarse) * 2 - 1
+  np.testing.assert_allclose(y_hat, want_y, atol=1e-6)
+  np.testing.assert_allclose(trig, np.full((S, S, 1), np.mean(want_y)), atol=1e-6)
+  assert info["cluster_size"] == (refined_cluster if accepted else 2)
+  assert [r["cluster_size"] for r in info["rounds"]] == [2, refined_cluster]
+  assert info["rounds"][1]["accepted"] is accepted
 
 
 def test_detect_mode_writes_the_target_estimate(monkeypatch, tmp_path):

@@ -188,17 +188,40 @@ def target_trigger(model, pattern: np.ndarray, inversion_cfg: Any, cfg: Mapping[
                    method: str = "bbti") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """The trigger inverted towards the collapse target (defense/target_inversion.py): the MSCR `pattern` (H,W,C)
   is run once more on the inversion's fixed noise batch and chain (same `key`, so the same samples as its best
-  epoch); the largest collapsed cluster gives y_hat; then `invert_toward_target`. Returns (trigger, y_hat in
-  [-1,1], details). Raises target_inversion.NoCollapseError when the pattern collapses nothing."""
+  epoch); the largest collapsed cluster gives y_hat; then `invert_toward_target`. Then `refine_rounds` times: the
+  new trigger is run on `refine_batch_size` fixed noises through the same chain; if a larger share of them
+  collapses than of the previous batch, y_hat becomes that cluster's mean and the trigger is inverted again,
+  otherwise (or when nothing collapses) the refinement stops and keeps what it had. Returns (trigger, y_hat in
+  [-1,1], details: the last inversion's details, cluster_size, rounds). Raises target_inversion.NoCollapseError
+  when the pattern collapses nothing."""
   from diffcleanse_jax.defense import target_inversion as ti
   from diffcleanse_jax.defense.inversion import InversionSettings, trigger_mscr
 
   s = ti.settings(cfg)  # validated before the sampling pass
   inv = InversionSettings.from_config(inversion_cfg, method=method)
+  thresholds = (inv.sim_threshold, inv.black_threshold, inv.white_threshold)
   images = trigger_mscr(model, pattern, inversion_cfg, key, method=method)["images01"]
-  y_hat, members = ti.collapse_target(images, inv.sim_threshold, inv.black_threshold, inv.white_threshold)
+  y_hat, members = ti.collapse_target(images, *thresholds)
   trigger, details = ti.invert_toward_target(model, y_hat, s, jax.random.fold_in(key, 0x7A6))
-  details["cluster_size"] = int(members.sum())
+  rounds = [dict(source="mscr pattern", batch_size=int(members.size), cluster_size=int(members.sum()),
+                 final_loss=details["final_loss"])]
+  for i in range(int(s["refine_rounds"])):
+    batch = int(s["refine_batch_size"])
+    images = trigger_mscr(model, trigger, inversion_cfg, key, method=method, batch_size=batch)["images01"]
+    try:
+      y_new, m_new = ti.collapse_target(images, *thresholds)
+    except ti.NoCollapseError:
+      rounds.append(dict(source=f"round {i + 1} trigger", batch_size=batch, cluster_size=0, accepted=False))
+      break
+    accepted = bool(m_new.mean() > members.mean())
+    rounds.append(dict(source=f"round {i + 1} trigger", batch_size=batch, cluster_size=int(m_new.sum()),
+                       accepted=accepted))
+    if not accepted:
+      break
+    y_hat, members = y_new, m_new
+    trigger, details = ti.invert_toward_target(model, y_hat, s, jax.random.fold_in(key, 0x7A6 + i + 1))
+    rounds[-1]["final_loss"] = details["final_loss"]
+  details.update(cluster_size=int(members.sum()), rounds=rounds)
   return trigger, y_hat, details
 
 
