@@ -573,6 +573,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
       r["threshold"], r["backdoored"] = mscr_tau, decide(r["score"], mscr_tau)
     r["true_mscr"] = true_mscr.get(r["model"], r.get("true_mscr"))
     r["true_asr"] = true_asr.get(r["model"], r.get("true_asr"))
+    r["trigger_note"] = trigger_note(_read_json(os.path.join(zoo_dir, "results", r["detector"], r["model"],
+                                                             "detection.json")))
   summary = {}
   for det_name in detectors:
     rs = [r for r in rows if r["detector"] == det_name and r["error"] is None and r["score"] is not None]
@@ -596,6 +598,20 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
                                                        true_trigger_asr=true_asr))
   logging.info("wrote %s", out)
   return dict(summary=summary, rows=rows)
+
+
+def trigger_note(detection: dict | None) -> str | None:
+  """How a detection.json's reported trigger was made, for the results table: for trigger_from='target', the
+  collapse cluster behind each target estimate as size/batch ('target 2/16 -> 56/64'; a refinement round that was
+  not kept is marked 'not kept'), or why it fell back to the MSCR pattern; None otherwise."""
+  tt = ((detection or {}).get("details") or {}).get("target_trigger")
+  if not isinstance(tt, dict):
+    return None
+  if "error" in tt:
+    return "MSCR pattern (no collapse)"
+  rounds = tt.get("rounds") or [dict(cluster_size=tt.get("cluster_size"), batch_size="?")]
+  return "target " + " -> ".join(f"{r.get('cluster_size')}/{r.get('batch_size')}"
+                                 + ("" if r.get("accepted", True) else " not kept") for r in rounds)
 
 
 def _f(v, nd=3):
@@ -631,11 +647,11 @@ def _write_results(path: str, rows, summary, detectors, asr_samples) -> None:
             "inversion): what a perfect inversion could reach. true ASR = the ASR of the true trigger (same "
             "samples count and sampler as the inverted-trigger ASR): the backdoor's strength.", "",
             "| model | kind | trigger | target | rate | true ASR | true MSCR | detector | score | threshold | flagged | "
-            "LOO tau | LOO flagged | seconds | inverted ASR | MSE | error |", "|" + "---|" * 17]
+            "LOO tau | LOO flagged | seconds | reported trigger | inverted ASR | MSE | error |", "|" + "---|" * 18]
   for r in rows:
     lines.append(_md_row(r.get(k) for k in (
         "model", "kind", "trigger", "target", "poison_rate", "true_asr", "true_mscr", "detector", "score", "threshold",
-        "backdoored", "loo_threshold", "loo_flagged", "seconds", "asr", "asr_mse", "error")))
+        "backdoored", "loo_threshold", "loo_flagged", "seconds", "trigger_note", "asr", "asr_mse", "error")))
   _write_markdown(path, lines)
 
 

@@ -293,8 +293,10 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
     s = 1.0 if "clean" not in model else 0.0
     return det.DetectionResult("perfect", s > 0.5, s, 0.5, np.zeros((16, 16, 1)), 2.0, {})
 
-  def always(model, cfg, key):
-    return det.DetectionResult("always", True, 0.75, 0.5, np.zeros((16, 16, 1)), 4.0, {})
+  def always(model, cfg, key):  # reports a target-inverted trigger with one kept refinement round
+    rounds = [dict(cluster_size=2, batch_size=16), dict(cluster_size=48, batch_size=64, accepted=True)]
+    return det.DetectionResult("always", True, 0.75, 0.5, np.zeros((16, 16, 1)), 4.0,
+                               dict(target_trigger=dict(cluster_size=48, rounds=rounds)))
 
   def low(model, cfg, key):  # below the fixed 0.5 everywhere, but separable: clean 0 or 0.1, backdoored 0.3
     s = 0.3 if "clean" not in model else (0.1 if model.endswith(("s1", "s3")) else 0.0)
@@ -324,6 +326,7 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   md = (z / "results.md").read_text()
   assert "| perfect | 12 | 1 | 1 | 8 | 0 | 4 | 0 | 1 (8/0) |" in md and "smbox-cat-p0.2" in md
   assert "| low | 12 | 0.333 | 1 | 0 | 0 | 4 | 8 | 1 (8/0) |" in md
+  assert md.count("| target 2/16 -> 48/64 |") == 12 and "reported trigger" in md  # from each detection.json
   assert {r["true_mscr"] for r in res["rows"] if r["kind"] == "backdoor"} == {0.875}
   assert {r["true_asr"] for r in res["rows"] if r["kind"] == "backdoor"} == {0.5}
   assert {r["true_asr"] for r in res["rows"] if r["kind"] == "clean"} == {None}
@@ -469,3 +472,13 @@ def test_zoo_user_trigger_png(tmp_path):
   assert ys.max() < 16 and xs.max() < 16           # the X stays in the top-left quarter
   assert img[2, 2] == 255 and img[2, 11] == 255     # both strokes of the X start in the first row of it
   assert zoo.write_user_trigger(str(tmp_path), 32) == path and os.listdir(tmp_path / "assets") == [os.path.basename(path)]
+
+
+def test_zoo_trigger_note_says_how_the_reported_trigger_was_made():
+  zoo = _zoo()
+  det_json = lambda tt: dict(details=dict(target_trigger=tt))
+  rounds = [dict(cluster_size=12, batch_size=16), dict(cluster_size=40, batch_size=64, accepted=False)]
+  assert zoo.trigger_note(det_json(dict(cluster_size=12, rounds=rounds))) == "target 12/16 -> 40/64 not kept"
+  assert zoo.trigger_note(det_json(dict(error="no two of the 16 images agree"))) == "MSCR pattern (no collapse)"
+  assert zoo.trigger_note(det_json(dict(cluster_size=3))) == "target 3/?"  # before refinement rounds were recorded
+  assert zoo.trigger_note(dict(details={})) is None and zoo.trigger_note(None) is None
