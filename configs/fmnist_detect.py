@@ -59,7 +59,7 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   samples, against 0.05 for the MSCR pattern and 0 for the shift estimate below).
   One refinement round (target_trigger.refine_rounds = 1): the inverted trigger is run on 64 fixed noises, and
   if a larger share of them collapses than of the pattern's batch, the trigger is inverted again towards that
-  cluster's mean (box14-shoe-p0.05, a 2-of-16 collapse: ASR 0.72 -> 0.92; docs/RESULTS.md, "Session 14").
+  cluster's mean (box14-shoe-p0.05, a 2-of-16 collapse: zoo ASR 0.547 -> 0.859; docs/RESULTS.md, "Session 14").
 * (before session 13) detection.trigger_from = 'shift': once the MSCR flags a model, the reported
   trigger is re-estimated by the distribution-shift objective alone (Elijah's inversion: 50 noises instead of
   Elijah's 100, 100 Adam steps from its own init); the MSCR pattern is kept as mscr_trigger.npy. On the demo model
