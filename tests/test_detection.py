@@ -482,3 +482,17 @@ def test_zoo_trigger_note_says_how_the_reported_trigger_was_made():
   assert zoo.trigger_note(det_json(dict(error="no two of the 16 images agree"))) == "MSCR pattern (no collapse)"
   assert zoo.trigger_note(det_json(dict(cluster_size=3))) == "target 3/?"  # before refinement rounds were recorded
   assert zoo.trigger_note(dict(details={})) is None and zoo.trigger_note(None) is None
+
+
+# ------------------------------------------------------------------------------------------ benchmarks/fd_spread.py
+def test_fd_spread_slices_are_disjoint_and_changes_are_paired():
+  fs = _benchmark("fd_spread")
+  x = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 2, 2, 1), np.float32)
+  seen = []
+  fds = fs.subset_fds(x, 4, fd_fn=lambda s: (seen.append(s[:, 0, 0, 0].tolist()), float(s.mean()))[1])
+  assert seen == [[0, 1, 2, 3], [4, 5, 6, 7]] and fds == [1.5, 5.5]  # the remainder (8, 9) is dropped
+  assert fs.relative_changes([10.0, 20.0], [12.0, 15.0]) == pytest.approx([0.2, -0.25])
+  with pytest.raises(ValueError, match="no slice of 64"):
+    fs.subset_fds(x, 64)
+  with pytest.raises(ValueError, match="at least 2"):
+    fs.subset_fds(x, 1)
