@@ -4,7 +4,8 @@
       --num_samples 256 --subset 64 --seed 1 --out runs/fd_spread/M.json
 
 Each model gets the same N noises (common random numbers, as the cleanse's before/after evaluation), sampled with
-the config's `eval` sampler (configs/fmnist_cleanse.py: DDPM with all 1000 steps). Reported per model: FD of all N
+the config's `eval` sampler (configs/fmnist_cleanse.py: DDPM with all 1000 steps) unless --method/--num_steps
+name another (`--method ddim --num_steps 50`: 20x fewer network calls per sample). Reported per model: FD of all N
 samples, FD of each disjoint `subset`-sample slice (the zoo removal table uses 64), their mean/min/max; for a
 pair of models, the relative change of each (all-N, and slice by slice on the same noises). Samples are kept as
 OUT_samples_<i>.npy (N, H, W, C) in [-1, 1]; the JSON carries the settings (docs/RESULTS.md, "Session 15").
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", action="append", required=True, help="model folder (repeat; 2 = before, after)")
   ap.add_argument("--config", default="configs/fmnist_cleanse.py", help="config file whose `eval` section is used")
+  ap.add_argument("--method", default="", help="sampler for the FD samples (default: the config's eval.method)")
+  ap.add_argument("--num_steps", type=int, default=-1, help="its steps (default: the config's eval.num_steps)")
   ap.add_argument("--num_samples", type=int, default=256)
   ap.add_argument("--subset", type=int, default=64)
   ap.add_argument("--batch_size", type=int, default=64)
@@ -55,6 +58,10 @@ def main(argv=None) -> int:
   from benchmarks.zoo import load_eval_config  # the zoo's config loader (file path -> ConfigDict)
   config = load_eval_config(args.config)
   ev = eval_settings(config.eval.to_dict())
+  if args.method:
+    ev["method"] = args.method
+  if args.num_steps >= 0:
+    ev["num_steps"] = args.num_steps
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   key = jax.random.key(args.seed)
   res = dict(settings=dict(vars(args), eval=ev), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), models=[])

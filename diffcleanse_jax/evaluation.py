@@ -18,7 +18,11 @@ What is measured (ALGORITHMS.md §2.6, §6), all from the `config.eval` section:
   `fd`: the Fréchet distance in the feature space of the committed Fashion-MNIST classifier
   (`metrics.classifier.fd_score`) against the Fashion-MNIST test set, over `fd_num_samples` clean samples
   (0 = `num_samples`). This is FD, not FID: comparable only with other FD numbers; with few samples it is
-  biased upwards, so compare runs with the same sample count.
+  biased upwards, so compare runs with the same sample count. Below the feature width (128) the covariance is
+  rank-deficient and FD swings by 3x between disjoint 64-sample sets of one model (benchmarks/fd_spread.py).
+  `fd_method`/`fd_num_steps` draw the FD samples with another sampler than the backdoor's (e.g. `ddim`/50: 20x
+  fewer network calls per sample than DDPM-1000, so FD on 512 samples costs less than on 32), from the same
+  noise; "" / 0 = the eval sampler. The grid and `clean_asr` always use the eval sampler.
 * `--trigger` without `--target`: clean quality plus the triggered samples' grid and `triggered_pixel_std`
   (per-pixel std over the triggered samples, mean over pixels, [0, 1] units: close to 0 when the trigger makes
   every sample the same image); `asr`/`mse`/`ssim` are null.
@@ -52,7 +56,9 @@ from diffcleanse_jax.train import CHECKPOINT_DIR, write_json
 from diffcleanse_jax.workflows import generate, need_flag, write_config
 
 EVAL_DEFAULTS: dict[str, Any] = dict(num_samples=64, method="ddpm", num_steps=0, eta=0.0, clip_sample=False,
-                                     batch_size=64, asr_threshold=1e-3, fd_num_samples=0, clean=True)
+                                     batch_size=64, asr_threshold=1e-3, fd_num_samples=0, clean=True,
+                                     fd_method="", fd_num_steps=0)
+FD_METHODS = ("", "ddpm", "ddim")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -81,7 +87,9 @@ def eval_settings(cfg_eval: Mapping[str, Any] | Any | None) -> dict[str, Any]:
   for k in ("num_samples", "batch_size"):
     if int(d[k]) < 1:
       raise ValueError(f"config.eval.{k}={d[k]} must be >= 1")
-  for k in ("num_steps", "fd_num_samples"):
+  if d["fd_method"] not in FD_METHODS:
+    raise ValueError(f"config.eval.fd_method={d['fd_method']!r}; expected one of {FD_METHODS} ('' = eval.method)")
+  for k in ("num_steps", "fd_num_samples", "fd_num_steps"):
     if int(d[k]) < 0:
       raise ValueError(f"config.eval.{k}={d[k]} must be >= 0 (0 = default)")
   if not float(d["asr_threshold"]) > 0:
@@ -89,11 +97,19 @@ def eval_settings(cfg_eval: Mapping[str, Any] | Any | None) -> dict[str, Any]:
   return d
 
 
-def eval_sampler_config(model: DiffusionModel, cfg_eval: Mapping[str, Any] | Any | None) -> samplers.SamplerConfig:
-  """The evaluation sampler: `config.eval` method/num_steps/eta/clip_sample over the model's scheduler defaults."""
+def eval_sampler_config(model: DiffusionModel, cfg_eval: Mapping[str, Any] | Any | None,
+                        fd: bool = False) -> samplers.SamplerConfig:
+  """The evaluation sampler: `config.eval` method/num_steps/eta/clip_sample over the model's scheduler defaults.
+  fd=True: the FD samples' sampler (`fd_method`/`fd_num_steps` where set; a new method with fd_num_steps 0 takes
+  that method's default steps)."""
   e = eval_settings(cfg_eval)
+  method, steps = str(e["method"]), int(e["num_steps"])
+  if fd and e["fd_method"] and e["fd_method"] != method:
+    method, steps = str(e["fd_method"]), 0
+  if fd and int(e["fd_num_steps"]):
+    steps = int(e["fd_num_steps"])
   return samplers.SamplerConfig.from_scheduler_config(
-      model.scheduler_config, method=str(e["method"]), num_steps=int(e["num_steps"]) or None, eta=float(e["eta"]),
+      model.scheduler_config, method=method, num_steps=steps or None, eta=float(e["eta"]),
       clip_sample=bool(e["clip_sample"]))
 
 
@@ -177,6 +193,12 @@ def evaluate_model(model: DiffusionModel, trigger: np.ndarray | None, target: np
   n_fd = int(e["fd_num_samples"]) or n
   fd_ok = want_clean and _fd_applicable(model)
   n_clean = max(n, n_fd) if fd_ok else n
+  fd_cfg = eval_sampler_config(model, e, fd=True)
+  fd_shared = fd_cfg == cfg  # FD from the clean grid's own samples
+  fd_desc = describe_sampler(model, fd_cfg)
+  fd_tag = f"{fd_desc['method']}-{fd_desc['num_steps']}"
+  if not fd_shared:
+    n_clean = n
   sampler = describe_sampler(model, cfg)
   out: dict[str, Any] = dict(asr=None, mse=None, ssim=None, num_samples=n, mse_threshold=float(e["asr_threshold"]),
                              sampler=sampler, clip_sample=bool(cfg.clip_sample), fd=None, fd_num_samples=None,
@@ -198,7 +220,7 @@ def evaluate_model(model: DiffusionModel, trigger: np.ndarray | None, target: np
       image_io.save_grid(x01, os.path.join(out_dir, "samples_triggered.png"))
   if want_clean:
     t0 = time.time()
-    x01 = _generate_logged(model, params, n_clean, key, cfg, bs, None, "clean", log)
+    x01 = _generate_logged(model, params, n_clean if fd_shared else n, key, cfg, bs, None, "clean", log)
     timings["clean_s"] = round(time.time() - t0, 2)
     samples["clean"] = x01 * 2.0 - 1.0
     if target is not None:
@@ -206,9 +228,15 @@ def evaluate_model(model: DiffusionModel, trigger: np.ndarray | None, target: np
       out.update(clean_asr=m["asr"], clean_mse=m["mse"])
     if fd_ok:
       from diffcleanse_jax.metrics.classifier import fd_score
+      fd_samples = samples["clean"][:n_fd]
+      if not fd_shared:
+        t0 = time.time()
+        fd_samples = _generate_logged(model, params, n_fd, key, fd_cfg, bs, None, f"FD ({fd_tag})", log) * 2.0 - 1.0
+        timings["fd_samples_s"] = round(time.time() - t0, 2)
       try:
-        out["fd"] = float(fd_score(samples["clean"][:n_fd], reference=fd_reference))
+        out["fd"] = float(fd_score(fd_samples, reference=fd_reference))
         out["fd_num_samples"] = n_fd
+        out["fd_sampler"] = fd_desc
       except FileNotFoundError as err:  # no Fashion-MNIST on this machine: report, do not fail the evaluation
         out["fd_skipped"] = str(err)
         log(f"FD skipped: {err}")

@@ -134,3 +134,39 @@ def test_eval_settings_validate():
   with pytest.raises(ValueError, match="num_samples=0"):
     eval_settings({"num_samples": 0})
   assert eval_settings(None)["method"] == "ddpm" and eval_settings(None)["num_steps"] == 0
+
+
+@pytest.mark.parametrize("which", ["evaluation", "cleanse_local"])
+def test_fd_samples_can_come_from_their_own_sampler(monkeypatch, which):
+  """eval.fd_method/fd_num_steps: the FD set is drawn with that sampler (from the same noise), the clean grid and
+  clean_asr keep the eval sampler; with the knobs unset the FD reuses the clean samples (one sampler call set)."""
+  from diffcleanse_jax.defense import cleanse
+  from diffcleanse_jax.metrics import classifier
+  model = DiffusionModel.from_config(dict(preset("tiny"), sample_size=32), key=4)
+  calls, fd_inputs = [], []
+
+  def fake_sample(model, params, x_T, key, c, **kw):
+    calls.append((c.method, c.num_steps, int(x_T.shape[0])))
+    return jnp.clip(x_T * (0.1 if c.method == "ddpm" else 1.0), -1, 1)  # |0.1 x_T| < 0.5
+
+  monkeypatch.setattr(samplers, "sample", fake_sample)
+  monkeypatch.setattr(classifier, "fd_score", lambda x, **kw: (fd_inputs.append(np.asarray(x)), 7.0)[1])
+  fn = evaluate_model if which == "evaluation" else cleanse.local_evaluate_model
+  ev = dict(FAST, num_samples=8, batch_size=8, fd_num_samples=16, fd_method="ddpm", fd_num_steps=5)
+  m = fn(model, None, None, ev, jax.random.key(0), return_samples=True)
+  assert sum(n for meth, s, n in calls if (meth, s) == ("ddim", 3)) == 8    # the clean grid
+  assert sum(n for meth, s, n in calls if (meth, s) == ("ddpm", 5)) == 16   # the FD set
+  assert m["fd"] == 7.0 and m["fd_num_samples"] == 16 and len(fd_inputs[0]) == 16
+  assert np.abs(fd_inputs[0]).max() < 0.5 < np.abs(m["clean_samples"]).max()
+  if which == "evaluation":
+    assert m["fd_sampler"]["method"] == "ddpm" and m["fd_sampler"]["num_steps"] == 5
+  calls.clear(), fd_inputs.clear()
+  fn(model, None, None, dict(ev, fd_method="", fd_num_steps=0), jax.random.key(0))
+  assert {(meth, s) for meth, s, n in calls} == {("ddim", 3)} and sum(n for *_, n in calls) == 16
+
+
+def test_eval_settings_reject_an_unknown_fd_sampler():
+  with pytest.raises(ValueError, match="fd_method='dpm'"):
+    eval_settings(dict(fd_method="dpm"))
+  with pytest.raises(ValueError, match="fd_num_steps=-1"):
+    eval_settings(dict(fd_num_steps=-1))

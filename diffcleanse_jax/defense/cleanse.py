@@ -242,9 +242,16 @@ def local_evaluate_model(model: DiffusionModel, trigger, target, cfg_eval, key, 
   from diffcleanse_jax.workflows import generate
 
   e = _d(cfg_eval)
-  cfg = samplers.SamplerConfig.from_scheduler_config(
-      model.scheduler_config, method=str(e.get("method", "ddpm")), num_steps=int(e.get("num_steps", 0)) or None,
-      eta=float(e.get("eta", 0.0)), clip_sample=bool(e.get("clip_sample", False)))
+
+  def sampler_cfg(method, steps):
+    return samplers.SamplerConfig.from_scheduler_config(
+        model.scheduler_config, method=method, num_steps=steps or None, eta=float(e.get("eta", 0.0)),
+        clip_sample=bool(e.get("clip_sample", False)))
+
+  method, steps = str(e.get("method", "ddpm")), int(e.get("num_steps", 0))
+  cfg = sampler_cfg(method, steps)
+  fd_method = str(e.get("fd_method", "") or method)  # eval.fd_method/fd_num_steps, as evaluation.eval_sampler_config
+  fd_cfg = sampler_cfg(fd_method, int(e.get("fd_num_steps", 0)) or (steps if fd_method == method else 0))
   n, bs = int(e.get("num_samples", 64)), int(e.get("batch_size", 64))
   fd_ok = tuple(model.image_shape) == (32, 32, 1) and bool(e.get("clean", True))
   n_fd = int(e.get("fd_num_samples", 0)) or n
@@ -257,11 +264,13 @@ def local_evaluate_model(model: DiffusionModel, trigger, target, cfg_eval, key, 
       m = backdoor_metrics(trig, target, threshold=out["mse_threshold"])
       out.update(asr=m["asr"], mse=m["mse"], ssim=m["ssim"])
   if bool(e.get("clean", True)):
-    clean = generate(model, model.params, max(n, n_fd) if fd_ok else n, key, cfg, bs) * 2.0 - 1.0
+    shared = fd_cfg == cfg
+    clean = generate(model, model.params, max(n, n_fd) if fd_ok and shared else n, key, cfg, bs) * 2.0 - 1.0
     if fd_ok:
       from diffcleanse_jax.metrics.classifier import fd_score
+      fd_x = clean[:n_fd] if shared else generate(model, model.params, n_fd, key, fd_cfg, bs) * 2.0 - 1.0
       try:
-        out["fd"], out["fd_num_samples"] = float(fd_score(clean[:n_fd])), n_fd
+        out["fd"], out["fd_num_samples"] = float(fd_score(fd_x)), n_fd
       except FileNotFoundError as err:
         out["fd_skipped"] = str(err)
   if return_samples:
