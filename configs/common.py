@@ -42,9 +42,10 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # Sampler: method ddpm|ddim, num_steps 0 = all training steps (ddpm) / 50 (ddim), eta (ddim);
   # clip_sample=True is BadDiffusion's inference-time clipping defence. asr = fraction of triggered samples with
   # per-image MSE < asr_threshold. clean: also sample clean images (grid, clean_asr, FD for 32x32 grayscale
-  # models over fd_num_samples, 0 = num_samples).
+  # models over fd_num_samples, 0 = num_samples; drawn with fd_method/fd_num_steps, "" / 0 = the eval sampler).
   c.eval = ml_collections.ConfigDict(dict(num_samples=64, method="ddpm", num_steps=0, eta=0.0, clip_sample=False,
-                                          batch_size=64, asr_threshold=1e-3, fd_num_samples=0, clean=True))
+                                          batch_size=64, asr_threshold=1e-3, fd_num_samples=0, clean=True,
+                                          fd_method="", fd_num_steps=0))
 
   # ---- stage 1 (diffcleanse_jax/defense/): trigger inversion + detection (ALGORITHMS §4, §10).
   # inversion (defense/inversion.py): BBTI. method bbti (identity-Jacobian gradient) | whitebox (exact gradient

@@ -11,8 +11,10 @@ score (Taylor, t = 901, 903, ..., 999: every 2nd step of [900, 999], on 16 self-
 fine-tune (600 steps x 32 at lr 1e-3 on 256 DDIM-25 samples of the original model; 200 steps at 5e-4 left the
 hat behind the true trigger, on a grey instead of a white background, docs/RESULTS.md) -> before/after evaluation with the
 sampler the BadDiffusion (SDE) backdoor was trained for: DDPM with all 1000 steps (a short DDPM/DDIM chain does not
-carry the backdoor, docs/RESULTS.md), 16 triggered samples, 32 clean samples for the FD (classifier features; few
-samples, so compare before/after only). The true trigger/target are picked up from the model folder's attack.json
+carry the backdoor, docs/RESULTS.md), 16 triggered and 16 clean samples; the FD (classifier features) on 256 clean
+DDIM-50 samples from the same noise (eval.fd_method/fd_num_steps; 3x fewer network calls than the 32 DDPM-1000
+samples it replaces). FD on 64 samples or fewer is rank-deficient (128-d features): disjoint 64-sample sets of one
+model gave FD 40-115 (docs/RESULTS.md, "Session 15"); DDIM-50 FD-512 and DDPM-1000 FD-256 agreed (51.0 vs 50.3). The true trigger/target are picked up from the model folder's attack.json
 if present (evaluation only; the defence itself never sees them). Timings: docs/RESULTS.md.
 
 Ablations: --config.cleanse.method=finetune|prune|elijah|clip|anp, --config.prune.score_mode=bd_minus_clean,
@@ -55,6 +57,8 @@ def get_config():
   c.eval.method = "ddpm"
   c.eval.num_steps = 0
   c.eval.batch_size = 16
-  c.eval.fd_num_samples = 32
+  c.eval.fd_num_samples = 256  # >= 2x the classifier's 128 features
+  c.eval.fd_method = "ddim"
+  c.eval.fd_num_steps = 50
 
   return c
