@@ -687,6 +687,15 @@ def _default_cleanse_fn(model_dir: str, config, workdir: str) -> dict:
                  evaluate_fn=evaluate_model, report_extra={"true_trigger_source": source})
 
 
+def _fd_samples_note(metrics: dict) -> str | None:
+  """'256 ddim-50': how many clean samples, from which sampler, the report's FD used (None if not recorded)."""
+  n = metrics.get("fd_num_samples")
+  if n is None:
+    return None
+  smp = metrics.get("fd_sampler") or metrics.get("sampler") or {}
+  return f"{n} {smp.get('method', '?')}-{smp.get('num_steps', '?')}"
+
+
 def _fd_change(before, after):
   if before in (None, 0) or after is None:
     return None
@@ -751,7 +760,8 @@ def cleanse_zoo(zoo_dir: str, methods: Sequence[str], config, only: Sequence[str
                    inv_collapse_before=b.get("inverted_collapse"), inv_collapse_after=a.get("inverted_collapse"),
                    fd_before=rep.get("fd_before"), fd_after=rep.get("fd_after"),
                    fd_change=_fd_change(rep.get("fd_before"), rep.get("fd_after")),
-                   pruned_fraction=rep.get("pruned_fraction"), seconds=(rep.get("seconds") or {}).get("total"))
+                   pruned_fraction=rep.get("pruned_fraction"), seconds=(rep.get("seconds") or {}).get("total"),
+                   fd_samples=_fd_samples_note((b.get("true") or {})))
       rows.append(row)
   summary = {}
   for meth in methods:
@@ -782,8 +792,8 @@ def cleanse_zoo(zoo_dir: str, methods: Sequence[str], config, only: Sequence[str
                           f"{m['fd_within_20pct']}/{m['fd_measured']}", m["mean_asr_after"], m["mean_seconds"],
                           m["errors"])))
   keys = ("model", "kind", "method", "detected", "cleansed", "asr_before", "asr_after", "mse_after",
-          "inv_collapse_before", "inv_collapse_after", "fd_before", "fd_after", "fd_change", "pruned_fraction",
-          "seconds", "error")
+          "inv_collapse_before", "inv_collapse_after", "fd_before", "fd_after", "fd_change", "fd_samples",
+          "pruned_fraction", "seconds", "error")
   lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   for r in rows:
     lines.append(_md_row(r.get(k) for k in keys))

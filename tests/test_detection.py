@@ -388,7 +388,9 @@ def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
     rep = dict(backdoored=bd, cleansed=True, asr_before=1.0 if bd else 0.0,
                asr_after=0.0 if meth == "diffcleanse" else 0.5, fd_before=50.0,
                fd_after=55.0 if meth == "diffcleanse" else 100.0, pruned_fraction=0.006, seconds=dict(total=10.0),
-               before=dict(inverted_collapse=1.0), after=dict(inverted_collapse=0.5))
+               before=dict(inverted_collapse=1.0, true=dict(fd_num_samples=256, sampler=dict(method="ddpm", num_steps=1000),
+                                                            fd_sampler=dict(method="ddim", num_steps=50))),
+               after=dict(inverted_collapse=0.5))
     with open(os.path.join(workdir, "report.json"), "w") as fh:
       json.dump(rep, fh)
     return rep
@@ -409,6 +411,7 @@ def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):
   assert {"detection.json", "eval_before.json"} <= set(clip_call[3])
   md = (z / "cleanse.md").read_text()
   assert "| diffcleanse | 3 | 2 | 2 | 2 | 2 | 3/3 |" in md and "RuntimeError: boom" in md
+  assert "| 0.1 | 256 ddim-50 |" in md  # the FD change and what the FD was measured on
   # finished reports are reused: only the failed run is retried
   calls.clear()
   zoo.cleanse_zoo(str(z), ["diffcleanse", "clip"], get_config(), cleanse_fn=fake_cleanse)
