@@ -334,6 +334,13 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   res2 = zoo.evaluate(str(z), ["perfect"], get_config(), asr_samples=4, detector_fns=dict(perfect=None),
                       asr_fn=None, load_fn=None)
   assert res2["summary"]["perfect"]["accuracy"] == 1.0
+  # a cache written before eval.fd_method/fd_num_steps existed stays valid while they are off
+  import ml_collections
+  older = get_config()
+  older.eval = ml_collections.ConfigDict({k: v for k, v in older.eval.items() if k not in ("fd_method", "fd_num_steps")})
+  res_old = zoo.evaluate(str(z), ["perfect"], older, asr_samples=4, detector_fns=dict(perfect=None), asr_fn=None,
+                         load_fn=None)
+  assert res_old["summary"]["perfect"]["n"] == 12
   # other detection settings: the cache is stale and the detector runs again
   other = get_config()
   other.inversion.max_epochs = 3
