@@ -192,13 +192,11 @@ def evaluate_model(model: DiffusionModel, trigger: np.ndarray | None, target: np
   want_clean = bool(e["clean"])
   n_fd = int(e["fd_num_samples"]) or n
   fd_ok = want_clean and _fd_applicable(model)
-  n_clean = max(n, n_fd) if fd_ok else n
   fd_cfg = eval_sampler_config(model, e, fd=True)
   fd_shared = fd_cfg == cfg  # FD from the clean grid's own samples
   fd_desc = describe_sampler(model, fd_cfg)
   fd_tag = f"{fd_desc['method']}-{fd_desc['num_steps']}"
-  if not fd_shared:
-    n_clean = n
+  n_clean = max(n, n_fd) if fd_ok and fd_shared else n
   sampler = describe_sampler(model, cfg)
   out: dict[str, Any] = dict(asr=None, mse=None, ssim=None, num_samples=n, mse_threshold=float(e["asr_threshold"]),
                              sampler=sampler, clip_sample=bool(cfg.clip_sample), fd=None, fd_num_samples=None,
@@ -220,7 +218,7 @@ def evaluate_model(model: DiffusionModel, trigger: np.ndarray | None, target: np
       image_io.save_grid(x01, os.path.join(out_dir, "samples_triggered.png"))
   if want_clean:
     t0 = time.time()
-    x01 = _generate_logged(model, params, n_clean if fd_shared else n, key, cfg, bs, None, "clean", log)
+    x01 = _generate_logged(model, params, n_clean, key, cfg, bs, None, "clean", log)
     timings["clean_s"] = round(time.time() - t0, 2)
     samples["clean"] = x01 * 2.0 - 1.0
     if target is not None:
