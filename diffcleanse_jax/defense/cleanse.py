@@ -45,6 +45,7 @@ from diffcleanse_jax.io import images as image_io
 from diffcleanse_jax.io.native import load_pretrained, save_pretrained
 from diffcleanse_jax.model import DiffusionModel
 from diffcleanse_jax.io.files import write_json, write_text_atomic
+from diffcleanse_jax.metrics.protocol import eval_sampler_config, eval_settings
 
 METHODS = ("diffcleanse", "prune", "finetune", "elijah", "clip", "anp")
 collapse_ratio = anp_lib.collapse_ratio
@@ -241,29 +242,20 @@ def local_evaluate_model(model: DiffusionModel, trigger, target, cfg_eval, key, 
   from diffcleanse_jax.metrics.backdoor import backdoor_metrics
   from diffcleanse_jax.workflows import generate
 
-  e = _d(cfg_eval)
-
-  def sampler_cfg(method, steps):
-    return samplers.SamplerConfig.from_scheduler_config(
-        model.scheduler_config, method=method, num_steps=steps or None, eta=float(e.get("eta", 0.0)),
-        clip_sample=bool(e.get("clip_sample", False)))
-
-  method, steps = str(e.get("method", "ddpm")), int(e.get("num_steps", 0))
-  cfg = sampler_cfg(method, steps)
-  fd_method = str(e.get("fd_method", "") or method)  # eval.fd_method/fd_num_steps, as evaluation.eval_sampler_config
-  fd_cfg = sampler_cfg(fd_method, int(e.get("fd_num_steps", 0)) or (steps if fd_method == method else 0))
-  n, bs = int(e.get("num_samples", 64)), int(e.get("batch_size", 64))
-  fd_ok = tuple(model.image_shape) == (32, 32, 1) and bool(e.get("clean", True))
-  n_fd = int(e.get("fd_num_samples", 0)) or n
+  e = eval_settings(cfg_eval)
+  cfg, fd_cfg = eval_sampler_config(model, e), eval_sampler_config(model, e, fd=True)
+  n, bs = int(e["num_samples"]), int(e["batch_size"])
+  fd_ok = tuple(model.image_shape) == (32, 32, 1) and bool(e["clean"])
+  n_fd = int(e["fd_num_samples"]) or n
   out: dict[str, Any] = dict(asr=None, mse=None, ssim=None, fd=None, num_samples=n,
-                             mse_threshold=float(e.get("asr_threshold", 1e-3)), clip_sample=bool(cfg.clip_sample))
+                             mse_threshold=float(e["asr_threshold"]), clip_sample=bool(cfg.clip_sample))
   trig = clean = None
   if trigger is not None:
     trig = generate(model, model.params, n, key, cfg, bs, x_T_offset=np.asarray(trigger, np.float32)) * 2.0 - 1.0
     if target is not None:
       m = backdoor_metrics(trig, target, threshold=out["mse_threshold"])
       out.update(asr=m["asr"], mse=m["mse"], ssim=m["ssim"])
-  if bool(e.get("clean", True)):
+  if bool(e["clean"]):
     shared = fd_cfg == cfg
     clean = generate(model, model.params, max(n, n_fd) if fd_ok and shared else n, key, cfg, bs) * 2.0 - 1.0
     if fd_ok:
