@@ -495,6 +495,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   def inversion_fields(method):  # the resolved settings, without the other method's knobs
     method = method if method == "whitebox" else "bbti"
     d = dataclasses.asdict(InversionSettings.from_config(config.inversion, method=method))
+    if not d["whitebox_backprop_steps"]:  # added later; without effect (and out of older digests) while 0
+      d = {k: v for k, v in d.items() if k not in ("whitebox_backprop_steps", "whitebox_window")}
     return {k: v for k, v in d.items() if method == "whitebox" or not k.startswith("whitebox_")}
 
   def digest(det_name):

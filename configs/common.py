@@ -54,7 +54,9 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # (0 at 32 px, 0.1 CelebA-HQ), restarts = p_0 draws optimised together (vmap), p_0 ~ N(init_mean, init_std^2)
   # (the code: N(0, 1), i.e. g_0 ~ N(1, 4)). faithful_code_bug: reproduce the
   # released code's constant -2 gradient (§4.2). whitebox_unroll/remat: python-unrolled, checkpointed sampler;
-  # whitebox_num_steps > 0: the white-box chain length (its compile time and memory grow with the chain).
+  # whitebox_num_steps > 0: the white-box chain length (its compile time and memory grow with the chain);
+  # whitebox_backprop_steps K > 0: exact gradient through K steps of the chain only (whitebox_window 'first':
+  # from x_T, 'last': to x_0), identity through the rest (0 = all steps).
   # stop_mscr: a restart stops once |T|/B >= it (1.0 = the code); refine_epochs / refine_learning_rate: fresh-noise
   # refinement of the best pattern after the loop (defense/inversion.py; 0 = off); refine_num_steps / refine_method:
   # its own chain (0 = num_steps) and gradient ("" = method); shift_weight > 0 adds Elijah's distribution-shift
@@ -64,9 +66,9 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
       learning_rate=0.1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_scale=1e3, lambda_g=0.0,
       sim_threshold=0.999, black_threshold=0.01, white_threshold=0.99, faithful_code_bug=False, restarts=1,
       init_mean=0.0, init_std=1.0, seed=0, stop_on_zero_similarity_loss=True, whitebox_unroll=True,
-      whitebox_remat=True, whitebox_num_steps=0, log_every=10, stop_mscr=1.0, refine_epochs=0,
-      refine_learning_rate=0.0, refine_num_steps=0, refine_method="", shift_weight=0.0, whitebox_shift_weight=0.0,
-      shift_lambda=0.5))
+      whitebox_remat=True, whitebox_num_steps=0, whitebox_backprop_steps=0, whitebox_window="first", log_every=10,
+      stop_mscr=1.0, refine_epochs=0, refine_learning_rate=0.0, refine_num_steps=0, refine_method="",
+      shift_weight=0.0, whitebox_shift_weight=0.0, shift_lambda=0.5))
   # detection (defense/detection.py, defense/workflow.py): method bbti | whitebox | elijah | terd; backdoored iff
   # score > threshold (MSCR > 0.5 for bbti/whitebox); num_images: size of the preview grids of --mode=detect.
   # elijah / terd: the baselines' own settings (their modules' DEFAULTS). trigger_from (bbti / whitebox only):

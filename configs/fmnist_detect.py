@@ -28,7 +28,12 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   on the demo (tests/test_examples.py pins it) and on zoo smbox-cat-p0.2, but only 0.25 at DDPM-50 (0.81 at
   DDPM-100) for the zoo's user-image trigger. Clean models stay at 0 (clean-s1, clean-s2, base). docs/RESULTS.md,
   "Session 11".
-  White-box compile time grows with the unrolled chain, so white-box uses DDPM-20 (inversion.whitebox_num_steps).
+  White-box inverts through the same DDPM-50 chain, with the exact gradient through its first 10 steps and the
+  identity through the other 40 (inversion.whitebox_backprop_steps / whitebox_window; defense/inversion.py). Until
+  session 15 it used an exact DDPM-20 chain (whitebox_num_steps = 20): it missed both CORNER zoo models, whose
+  backdoors do not fire at DDPM-20 (docs/RESULTS.md, "Session 15"). The exact DDPM-50 backward pass, unrolled,
+  took 814 s to compile and 34 s per 3-restart epoch on the shared 2-core machine (a lax.scan: 13 s / 100 s); the
+  10-step window 58 s / 13 s (docs/RESULTS.md, "Session 16").
 * Elijah's detection sampler: DDPM-100 instead of DDIM-50, for the same reason (see get_config).
 * threshold tau = 1/16 (flagged iff at least one pair of the 16 outputs collapses, cos > 0.999, at some epoch)
   instead of the paper's 0.5, calibrated on clean models as `detection.calibrate_threshold(clean, margin=1/B,
@@ -80,7 +85,11 @@ def get_config():
   c.inversion.max_epochs = 25
   c.inversion.stop_mscr = 0.75
   c.inversion.stop_any = True
-  c.inversion.whitebox_num_steps = 20  # unrolled DDPM-100 takes minutes to compile: white-box inverts through DDPM-20
+  # White-box: the same DDPM-50 chain as BBTI (no zoo backdoor fires at DDPM-20), exact through its first 10
+  # steps (an unrolled DDPM-50 backward pass takes ~14 min to compile; module docstring).
+  c.inversion.whitebox_num_steps = 0
+  c.inversion.whitebox_backprop_steps = 10
+  c.inversion.whitebox_window = "first"
   # Elijah's detection samples 16 images from noise + its inverted trigger: with its default DDIM-50 (an ODE
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
   # 0.28, missed), so these models are checked with an ancestral DDPM-100 chain.

@@ -21,6 +21,10 @@ One *epoch* (one compiled call, `jax.jit` of a pure function of (p, Adam state, 
    * ``method='whitebox'``: G_p = d(L + L_g)/dp exactly, through the differentiable sampler (`jax.grad`; the
      sets are computed in the same forward pass and held fixed). The sampler is an unrolled python loop of
      `jax.checkpoint`-ed steps by default (backward passes in a `lax.scan` body are ~3x slower on XLA:CPU).
+     `whitebox_backprop_steps` = K > 0 (our option, `sample_window`): the outputs, sets and loss are those of
+     the whole N-step chain, but the gradient goes exactly through K of its steps only (`whitebox_window`
+     'first': the K steps from x_T, where the trigger enters; 'last': the K steps to x_0) and through the other
+     N-K as the identity (BBTI's transport). K = N is the exact gradient; the compiled program grows with K.
    * ``faithful_code_bug=True``: what the released code actually feeds Adam (§4.2): 0 for the image loss until
      the first update has happened, then a constant -2 on every element (plus dL_g/dp).
 5. Adam(lr 0.1, betas 0.9/0.999) step on p, taken only when L_s != 0 and L_v != 0 (as the code).
@@ -73,6 +77,7 @@ from diffcleanse_jax.diffusion import samplers
 from diffcleanse_jax.diffusion.schedules import Schedule, schedule_from_config
 
 METHODS = ("bbti", "whitebox")
+WINDOWS = ("first", "last")
 _NORM_FLOOR = 1e-12
 
 
@@ -110,6 +115,8 @@ class InversionSettings:
   whitebox_unroll: bool = True      # whitebox: python-unrolled sampler (else lax.scan)
   whitebox_remat: bool = True       # whitebox: jax.checkpoint per sampler step
   whitebox_num_steps: int = 0       # whitebox: its own (shorter) chain, > 0 replaces num_steps; 0 = num_steps
+  whitebox_backprop_steps: int = 0  # whitebox: exact through K steps of the chain only (0 = all; sample_window)
+  whitebox_window: str = "first"    # whitebox with K > 0: the K steps from x_T ('first') or to x_0 ('last')
   log_every: int = 10               # log a progress line every N epochs (0 = never)
   stop_mscr: float = 1.0            # a restart stops once |T|/B >= this (1.0: |T| = B, the code)
   stop_any: bool = False            # True: all restarts (of a model) stop once one of them reaches stop_mscr
@@ -138,6 +145,12 @@ class InversionSettings:
     if self.shift_weight < 0 or self.whitebox_shift_weight < 0:
       raise InversionError(f"inversion.shift_weight={self.shift_weight} and whitebox_shift_weight="
                            f"{self.whitebox_shift_weight} must be >= 0")
+    if self.whitebox_window not in WINDOWS:
+      raise InversionError(f"inversion.whitebox_window={self.whitebox_window!r}; expected one of "
+                           f"{', '.join(WINDOWS)}")
+    if self.whitebox_backprop_steps < 0:
+      raise InversionError(f"inversion.whitebox_backprop_steps={self.whitebox_backprop_steps} must be >= 0 "
+                           "(0 = the whole chain)")
     if self.refine_method and self.refine_method not in METHODS:
       raise InversionError(f"inversion.refine_method={self.refine_method!r}; expected '' or one of "
                            f"{', '.join(METHODS)}")
@@ -316,9 +329,11 @@ def blackbox_pattern_grad(images01: jax.Array, sets: TargetSets, grad_scale: flo
 
 # -------------------------------------------------------------------------------------------------- sampler
 def sample_unrolled(eps_fn, params, x_T: jax.Array, key: jax.Array, schedule: Schedule,
-                    cfg: samplers.SamplerConfig, remat: bool = True) -> jax.Array:
+                    cfg: samplers.SamplerConfig, remat: bool = True, start: int = 0,
+                    stop: int | None = None) -> jax.Array:
   """`samplers.sample_loop` as a python-unrolled loop (same update rule and per-step noise fold_in(key, i)),
-  each step optionally `jax.checkpoint`-ed: straight-line code, which XLA:CPU differentiates ~3x faster."""
+  each step optionally `jax.checkpoint`-ed: straight-line code, which XLA:CPU differentiates ~3x faster.
+  `start`/`stop`: only the chain's steps [start, stop), as `sample_loop`."""
   cfg = cfg.validate()
   ts, a_t, a_prev = samplers._step_arrays(schedule, cfg)  # pylint: disable=protected-access
   batch = x_T.shape[0]
@@ -337,9 +352,38 @@ def sample_unrolled(eps_fn, params, x_T: jax.Array, key: jax.Array, schedule: Sc
   if remat:
     step = jax.checkpoint(step, static_argnums=(1,))
   x = x_T.astype(jnp.float32)
-  for i in range(len(ts)):
+  for i in range(len(ts))[slice(int(start), None if stop is None else int(stop))]:
     x = step(x, i, jnp.int32(ts[i]), jnp.float32(a_t[i]), jnp.float32(a_prev[i]))
   return x
+
+
+def sample_window(eps_fn, params, x_T: jax.Array, key: jax.Array, schedule: Schedule, cfg: samplers.SamplerConfig,
+                  window: str, k: int, unroll: bool = True, remat: bool = True) -> jax.Array:
+  """x_0 of the whole chain (the same value as `sample_loop`), differentiable through K of its N steps only.
+
+  window='first': exact through the K steps from x_T; the remaining N-K steps run forward only and pass the
+  cotangent on unchanged (identity Jacobian, BBTI's transport), so dx_0/dx_T := dx_{N-K}/dx_T.
+  window='last': identity from x_T to the state before the last K steps, exact through those K steps.
+  The differentiable part is unrolled (`sample_unrolled`) or a scan; the forward-only part is one scan, so the
+  compiled program grows with K, not N (an unrolled DDPM-50 backward pass compiled for ~14 min on 2 CPU cores).
+  """
+  n = len(samplers._step_arrays(schedule, cfg)[0])  # pylint: disable=protected-access
+  k = min(int(k), n)
+  exact = functools.partial(sample_unrolled, remat=remat) if unroll else functools.partial(
+      samplers.sample_loop, remat=remat)
+
+  def straight_through(value, carrier):  # value forward, d/d(carrier) = identity backward
+    return jax.lax.stop_gradient(value) + carrier - jax.lax.stop_gradient(carrier)
+
+  x_T = x_T.astype(jnp.float32)
+  if window == "first":
+    x_k = exact(eps_fn, params, x_T, key, schedule, cfg, start=0, stop=k)
+    rest = samplers.sample_loop(eps_fn, params, jax.lax.stop_gradient(x_k), key, schedule, cfg, start=k)
+    return straight_through(rest, x_k)
+  if window == "last":
+    head = samplers.sample_loop(eps_fn, params, jax.lax.stop_gradient(x_T), key, schedule, cfg, stop=n - k)
+    return exact(eps_fn, params, straight_through(head, x_T), key, schedule, cfg, start=n - k)
+  raise InversionError(f"inversion.whitebox_window={window!r}; expected one of {', '.join(WINDOWS)}")
 
 
 # ---------------------------------------------------------------------------------------------- epoch step
@@ -399,7 +443,10 @@ def _pattern_grad(eps_fn, schedule: Schedule, scfg: samplers.SamplerConfig, s: I
   def full_loss(p_):
     g_ = pattern_from_raw(p_)
     x_T = noise + g_[None]
-    if s.whitebox_unroll:
+    if 0 < s.whitebox_backprop_steps < s.num_steps:
+      x0_ = sample_window(eps_fn, params, x_T, skey, schedule, scfg, s.whitebox_window, s.whitebox_backprop_steps,
+                          unroll=s.whitebox_unroll, remat=s.whitebox_remat)
+    elif s.whitebox_unroll:
       x0_ = sample_unrolled(eps_fn, params, x_T, skey, schedule, scfg, remat=s.whitebox_remat)
     else:
       x0_ = samplers.sample_loop(eps_fn, params, x_T, skey, schedule, scfg, remat=s.whitebox_remat)

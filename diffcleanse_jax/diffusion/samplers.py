@@ -124,17 +124,20 @@ def _ddim_update(x, eps, noise, t, a_t, a_prev, clip, eta):
 
 
 def sample_loop(eps_fn: EpsFn, params, x_T: jax.Array, key: jax.Array, schedule: Schedule,
-                cfg: SamplerConfig, *, return_trajectory: bool = False, remat: bool = False):
+                cfg: SamplerConfig, *, return_trajectory: bool = False, remat: bool = False, start: int = 0,
+                stop: int | None = None):
   """Runs the whole reverse chain in one `lax.scan`.
 
   Returns x_0 (B,H,W,C) float32, or (x_0, trajectory (num_steps+1, B,H,W,C): x_T first, x_0 last) when
   `return_trajectory`. Per-step noise comes from `fold_in(key, step index)`, so it is the same for every x_T of
-  the same shape (common random numbers, used by trigger inversion).
+  the same shape (common random numbers, used by trigger inversion). `start`/`stop`: run only the chain's steps
+  [start, stop) from x_T = the state before step `start` (same timesteps and noise as inside the whole chain).
   """
   cfg = cfg.validate()
   ts, a_t, a_prev = _step_arrays(schedule, cfg)
-  xs = (jnp.arange(len(ts)), jnp.asarray(ts, jnp.int32), jnp.asarray(a_t, jnp.float32),
-        jnp.asarray(a_prev, jnp.float32))
+  sl = slice(int(start), None if stop is None else int(stop))
+  xs = (jnp.arange(len(ts))[sl], jnp.asarray(ts, jnp.int32)[sl], jnp.asarray(a_t, jnp.float32)[sl],
+        jnp.asarray(a_prev, jnp.float32)[sl])
   batch = x_T.shape[0]
   stochastic = cfg.method == "ddpm" or cfg.eta > 0
 
