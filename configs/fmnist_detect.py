@@ -31,9 +31,9 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   White-box inverts through the same DDPM-50 chain, with the exact gradient through its first 10 steps and the
   identity through the other 40 (inversion.whitebox_backprop_steps / whitebox_window; defense/inversion.py). Until
   session 15 it used an exact DDPM-20 chain (whitebox_num_steps = 20): it missed both CORNER zoo models, whose
-  backdoors do not fire at DDPM-20 (docs/RESULTS.md, "Session 15"). The exact DDPM-50 backward pass, unrolled,
-  took 814 s to compile and 34 s per 3-restart epoch on the shared 2-core machine (a lax.scan: 13 s / 100 s); the
-  10-step window 58 s / 13 s (docs/RESULTS.md, "Session 16").
+  backdoors do not fire at DDPM-20 (docs/RESULTS.md, "Session 15"). On the demo (3 restarts, 2 cores shared with
+  a training job) the exact DDPM-50 gradient took, for compile + first epoch / each further epoch: unrolled 814 s
+  / 34 s, lax.scan + checkpoint 115 s / 102 s; the 10-step window 71 s / 13 s (docs/RESULTS.md, "Session 16").
 * Elijah's detection sampler: DDPM-100 instead of DDIM-50, for the same reason (see get_config).
 * threshold tau = 1/16 (flagged iff at least one pair of the 16 outputs collapses, cos > 0.999, at some epoch)
   instead of the paper's 0.5, calibrated on clean models as `detection.calibrate_threshold(clean, margin=1/B,
