@@ -341,6 +341,13 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   res_old = zoo.evaluate(str(z), ["perfect"], older, asr_samples=4, detector_fns=dict(perfect=None), asr_fn=None,
                          load_fn=None)
   assert res_old["summary"]["perfect"]["n"] == 12
+  # the white-box window (inversion.whitebox_backprop_steps > 0) is part of the white-box cache key
+  zoo.evaluate(str(z), ["whitebox"], get_config(), asr_samples=0, load_fn=lambda p: p, mscr_fn=False,
+               detector_fns=dict(whitebox=perfect))
+  windowed = get_config()
+  windowed.inversion.whitebox_backprop_steps = 2
+  assert zoo.evaluate(str(z), ["whitebox"], windowed, asr_samples=0, cached_only=True, detector_fns=dict(
+      whitebox=None), load_fn=None, mscr_fn=False)["summary"]["whitebox"]["n"] == 0
   # other detection settings: the cache is stale and the detector runs again
   other = get_config()
   other.inversion.max_epochs = 3
