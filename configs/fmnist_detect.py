@@ -34,6 +34,8 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   backdoors do not fire at DDPM-20 (docs/RESULTS.md, "Session 15"). On the demo (3 restarts, 2 cores shared with
   a training job) the exact DDPM-50 gradient took, for compile + first epoch / each further epoch: unrolled 814 s
   / 34 s, lax.scan + checkpoint 115 s / 102 s; the 10-step window 71 s / 13 s (docs/RESULTS.md, "Session 16").
+  The window keeps the clean base at 0, flags the demo, and flags the rebuilt smbox-corner-p0.05 (MSCR 2/16 at
+  3 epochs) that exact DDPM-20 missed; its reported trigger there has ASR 0. The whole zoo was not re-run with it.
 * Elijah's detection sampler: DDPM-100 instead of DDIM-50, for the same reason (see get_config).
 * threshold tau = 1/16 (flagged iff at least one pair of the 16 outputs collapses, cos > 0.999, at some epoch)
   instead of the paper's 0.5, calibrated on clean models as `detection.calibrate_threshold(clean, margin=1/B,
