@@ -366,11 +366,14 @@ def sample_window(eps_fn, params, x_T: jax.Array, key: jax.Array, schedule: Sche
   window='last': identity from x_T to the state before the last K steps, exact through those K steps.
   The differentiable part is unrolled (`sample_unrolled`) or a scan; the forward-only part is one scan, so the
   compiled program grows with K, not N (an unrolled DDPM-50 backward pass compiled for ~14 min on 2 CPU cores).
+  K = 0 or K >= N: the exact gradient through the whole chain.
   """
   n = len(samplers._step_arrays(schedule, cfg)[0])  # pylint: disable=protected-access
-  k = min(int(k), n)
+  k = int(k)
   exact = functools.partial(sample_unrolled, remat=remat) if unroll else functools.partial(
       samplers.sample_loop, remat=remat)
+  if not 0 < k < n:
+    return exact(eps_fn, params, x_T, key, schedule, cfg)
 
   def straight_through(value, carrier):  # value forward, d/d(carrier) = identity backward
     return jax.lax.stop_gradient(value) + carrier - jax.lax.stop_gradient(carrier)
@@ -443,13 +446,8 @@ def _pattern_grad(eps_fn, schedule: Schedule, scfg: samplers.SamplerConfig, s: I
   def full_loss(p_):
     g_ = pattern_from_raw(p_)
     x_T = noise + g_[None]
-    if 0 < s.whitebox_backprop_steps < s.num_steps:
-      x0_ = sample_window(eps_fn, params, x_T, skey, schedule, scfg, s.whitebox_window, s.whitebox_backprop_steps,
-                          unroll=s.whitebox_unroll, remat=s.whitebox_remat)
-    elif s.whitebox_unroll:
-      x0_ = sample_unrolled(eps_fn, params, x_T, skey, schedule, scfg, remat=s.whitebox_remat)
-    else:
-      x0_ = samplers.sample_loop(eps_fn, params, x_T, skey, schedule, scfg, remat=s.whitebox_remat)
+    x0_ = sample_window(eps_fn, params, x_T, skey, schedule, scfg, s.whitebox_window, s.whitebox_backprop_steps,
+                        unroll=s.whitebox_unroll, remat=s.whitebox_remat)
     images_ = samplers.to_images01(x0_)
     sets_ = sets_of(images_)
     loss, parts_ = image_loss(images_, sets_)

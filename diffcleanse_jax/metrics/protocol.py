@@ -40,7 +40,8 @@ def eval_settings(cfg_eval: Mapping[str, Any] | Any | None) -> dict[str, Any]:
 
 def eval_sampler_config(model, cfg_eval: Mapping[str, Any] | Any | None,
                         fd: bool = False) -> samplers.SamplerConfig:
-  """The evaluation sampler of `model` (anything with a `scheduler_config`): `config.eval` method/num_steps/eta/clip_sample over the model's scheduler defaults.
+  """The evaluation sampler of `model` (anything with a `scheduler_config`): `config.eval`
+  method/num_steps/eta/clip_sample over the model's scheduler defaults.
   fd=True: the FD samples' sampler (`fd_method`/`fd_num_steps` where set; a new method with fd_num_steps 0 takes
   that method's default steps)."""
   e = eval_settings(cfg_eval)
