@@ -11,9 +11,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from diffcleanse_jax.diffusion.schedules import Schedule, schedule_from_config
+from diffcleanse_jax.diffusion.schedules import Schedule, schedule_from_config, validate_scheduler_config
 from diffcleanse_jax.models.presets import DEFAULT_SCHEDULER
-from diffcleanse_jax.models.unet import UNet2DModel, UNetSpec, count_params, init_params
+from diffcleanse_jax.models.unet import ConfigError, UNet2DModel, UNetSpec, count_params, init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +27,19 @@ class EpsFn:
 
 
 class DiffusionModel:
-  """A diffusion model: `.config` (diffusers dict), `.params` (pytree), `.scheduler_config` (dict), `.apply`."""
+  """A diffusion model: `.config` (diffusers dict), `.params` (pytree), `.scheduler_config` (dict), `.apply`.
+
+  Only epsilon predictors on a beta schedule: out_channels == in_channels, and a scheduler config that
+  `validate_scheduler_config` accepts (else ConfigError / SchedulerConfigError naming `source`)."""
 
   def __init__(self, spec: UNetSpec, params, scheduler_config: Mapping[str, Any] | None = None,
                source: str | None = None, metadata: Mapping[str, Any] | None = None):
+    where = source or "model"
+    if spec.out_channels != spec.in_channels:
+      raise ConfigError(f"{where}: out_channels={spec.out_channels} but in_channels={spec.in_channels}; the UNet "
+                        "must predict epsilon (out_channels == in_channels; learned-variance UNets are not "
+                        "supported)")
+    validate_scheduler_config(scheduler_config, f"{where} (scheduler config)")
     self.spec = spec
     self.params = params
     self.scheduler_config = dict(scheduler_config if scheduler_config is not None else DEFAULT_SCHEDULER)

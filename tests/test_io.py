@@ -12,7 +12,9 @@ import pytest
 
 from diffcleanse_jax.io import (CheckpointError, flax_to_torch, load_diffusers_folder, load_safetensors,
                                 load_torch_state_dict, save_diffusers_folder, save_safetensors, torch_to_flax)
+from diffcleanse_jax.diffusion.schedules import SchedulerConfigError
 from diffcleanse_jax.io.diffusers import WEIGHTS_BIN, WEIGHTS_SAFETENSORS
+from diffcleanse_jax.io.native import load_pretrained
 from diffcleanse_jax.models.presets import DEFAULT_SCHEDULER, preset
 from diffcleanse_jax.models.unet import ConfigError, UNetSpec, abstract_params, default_widths, param_paths
 
@@ -265,6 +267,104 @@ def test_config_errors(tiny, tmp_path, caplog):
   os.remove(tmp_path / "c" / WEIGHTS_SAFETENSORS)
   with pytest.raises(CheckpointError, match="no diffusion_pytorch_model.safetensors or"):
     load_diffusers_folder(tmp_path / "c")
+
+
+def _write_shards(folder, state_dict, n_shards, fmt="safetensors"):
+  """A sharded checkpoint as diffusers writes one: shard files + `<weights>.index.json` with its weight_map."""
+  names = sorted(state_dict)
+  wmap = {}
+  for j in range(n_shards):
+    shard = f"diffusion_pytorch_model-{j + 1:05d}-of-{n_shards:05d}.{fmt}"
+    part = {k: state_dict[k] for k in names[j::n_shards]}
+    if fmt == "safetensors":
+      save_safetensors(part, os.path.join(folder, shard))
+    else:
+      _write_torch_zip(os.path.join(folder, shard), part)
+    wmap.update({k: shard for k in part})
+  index = os.path.join(folder, f"diffusion_pytorch_model.{fmt}.index.json")
+  with open(index, "w") as f:
+    json.dump({"metadata": {"total_size": 0}, "weight_map": wmap}, f)
+  return index, wmap
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_checkpoint(tiny, tmp_path, fmt):
+  spec, params = tiny
+  folder = tmp_path / "m"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", **spec.to_config()}))
+  index, wmap = _write_shards(folder, flax_to_torch(params), 3, fmt)
+  _assert_same_tree(params, load_diffusers_folder(folder)[1])
+  assert load_pretrained(str(folder)).num_params == sum(np.size(v) for v in jax.tree.leaves(params))
+  # A shard that is gone, a shard that lacks a tensor the index puts there, a path outside the folder.
+  shard = sorted(set(wmap.values()))[1]
+  os.rename(folder / shard, tmp_path / "away")
+  with pytest.raises(CheckpointError, match=rf"index.json: shard file {shard} .* is missing"):
+    load_diffusers_folder(folder)
+  os.rename(tmp_path / "away", folder / shard)
+  some = next(k for k, v in wmap.items() if v == shard)
+  with open(index, "w") as f:
+    json.dump({"weight_map": dict(wmap, **{some: sorted(set(wmap.values()))[0]})}, f)
+  with pytest.raises(CheckpointError, match=rf"lacks 1 tensors that .*index.json places there, e.g. '{some}'"):
+    load_diffusers_folder(folder)
+  with open(index, "w") as f:
+    json.dump({"weight_map": dict(wmap, **{some: "../" + shard})}, f)
+  with pytest.raises(CheckpointError, match="must be a file name in the index's folder"):
+    load_diffusers_folder(folder)
+  with open(index, "w") as f:
+    json.dump({"weights": {}}, f)
+  with pytest.raises(CheckpointError, match="weight_map must be a non-empty object"):
+    load_diffusers_folder(folder)
+
+
+@pytest.mark.parametrize("sched,match", [
+    ({"prediction_type": "v_prediction"}, r"prediction_type is 'v_prediction'; only epsilon-prediction"),
+    ({"prediction_type": "sample"}, r"prediction_type is 'sample'"),
+    ({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 1348.0}, r"_class_name is 'ScoreSdeVeScheduler', not a "
+                                                                  r"beta-schedule"),
+    ({"_class_name": "MyScheduler"}, r"_class_name is 'MyScheduler'"),
+    ({"beta_schedule": "sigmoid"}, r"beta_schedule is 'sigmoid'; expected one of linear"),
+    ({"trained_betas": [0.1, 0.2]}, r"trained_betas has shape \(2,\); expected \(1000,\)"),
+    ({"num_train_timesteps": 1.5}, r"num_train_timesteps is 1.5; expected an integer"),
+    ({"beta_end": 2.0}, r"beta_end is 2.0; expected a number in \(0, 1\)"),
+    ({"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr is true; not supported"),
+    ({"thresholding": True}, r"thresholding is true"),
+])
+def test_scheduler_config_refused(tiny, tmp_path, sched, match):
+  """A scheduler config whose model this toolkit would sample, invert or fine-tune wrongly is refused with the
+  file and the field (and load_pretrained refuses it too)."""
+  spec, params = tiny
+  cfg = sched if "_class_name" in sched else dict(DEFAULT_SCHEDULER, **sched)  # a foreign class: its own keys
+  save_diffusers_folder(tmp_path / "m", spec, params, cfg)
+  with pytest.raises(SchedulerConfigError, match=r"scheduler_config.json: " + match):
+    load_diffusers_folder(tmp_path / "m")
+  with pytest.raises(SchedulerConfigError, match=match):
+    load_pretrained(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("sched", [
+    {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++"},
+    {"_class_name": "PNDMScheduler", "skip_prk_steps": True, "set_alpha_to_one": False},
+    {"_class_name": "SomeFutureBetaScheduler", "beta_schedule": "scaled_linear"},
+    {"trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()},
+    {"_class_name": "DDIMScheduler", "prediction_type": None},
+])
+def test_scheduler_config_accepted(tiny, tmp_path, sched):
+  """Other beta-schedule schedulers (the betas are what the samplers here need) load."""
+  spec, params = tiny
+  save_diffusers_folder(tmp_path / "m", spec, params, dict(DEFAULT_SCHEDULER, **sched))
+  assert load_diffusers_folder(tmp_path / "m")[2]["_class_name"] == sched.get("_class_name", "DDPMScheduler")
+  assert load_pretrained(str(tmp_path / "m")).schedule.num_train_timesteps == 1000
+
+
+def test_non_epsilon_unet_refused(tmp_path):
+  """out_channels != in_channels (e.g. a learned-variance UNet) is refused when it becomes a diffusion model."""
+  cfg = dict(preset("tiny"), out_channels=2)
+  spec = UNetSpec.from_config(cfg)
+  save_diffusers_folder(tmp_path / "m", spec, _random_params(spec))
+  assert load_diffusers_folder(tmp_path / "m")[0].out_channels == 2  # the raw weights still load
+  with pytest.raises(ConfigError, match=r"out_channels=2 but in_channels=1; the UNet must predict epsilon"):
+    load_pretrained(str(tmp_path / "m"))
 
 
 # ------------------------------------------------------------------------------------------ safetensors

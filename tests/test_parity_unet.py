@@ -142,6 +142,28 @@ def test_pipeline_folder_and_legacy_bin(tmp_path):
   np.testing.assert_allclose(_torch_out(theirs, x, [10, 700]), ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_sharded_save_pretrained(tmp_path, safe):
+  """diffusers' own sharded checkpoints (save_pretrained with a small max_shard_size) load with parity; a
+  v-prediction scheduler next to the same UNet is refused by name."""
+  from diffcleanse_jax.diffusion.schedules import SchedulerConfigError
+  from diffcleanse_jax.io.native import load_pretrained
+  cfg = dict(BASE, **CONFIGS["heads_pad1"])
+  model = _torch_model(cfg, seed=2)
+  folder = tmp_path / "sharded"
+  model.save_pretrained(folder, safe_serialization=safe, max_shard_size="60KB")
+  index = WEIGHTS_SAFETENSORS if safe else WEIGHTS_BIN
+  assert (folder / f"{index}.index.json").is_file() and not (folder / index).exists()
+  assert len(list(folder.glob("diffusion_pytorch_model-*"))) > 1
+  spec, params, _, _ = load_diffusers_folder(folder)
+  x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
+  apply = jax.jit(UNet2DModel(spec).apply, compiler_options=FAST_COMPILE)
+  assert np.abs(_flax_out(apply, params, x, [5, 900]) - _torch_out(model, x, [5, 900])).max() < TOL
+  diffusers.DDPMScheduler(prediction_type="v_prediction").save_pretrained(folder)
+  with pytest.raises(SchedulerConfigError, match="prediction_type is 'v_prediction'"):
+    load_pretrained(str(folder))
+
+
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_torch_reader_matches_torch_load(tmp_path, zip_format):
   """The torch-free reader against torch.save: dtypes, views, offsets, strides, bf16, nested state_dict."""

@@ -53,10 +53,11 @@ def test_ddpm_steps_match_diffusers(variance_type, clip, num_steps):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                  beta_schedule="linear", variance_type=variance_type, clip_sample=clip)
+                                  beta_schedule="linear", variance_type=variance_type, clip_sample=clip,
+                                  clip_sample_range=0.5 if clip else 1.0)
   sched.set_timesteps(num_steps)
   ours = make_schedule()
-  ts, a_t, a_prev = samplers._step_arrays(ours, SamplerConfig(method="ddpm", num_steps=num_steps))
+  ts, a_t, a_prev = samplers.step_arrays(ours, SamplerConfig(method="ddpm", num_steps=num_steps))
   np.testing.assert_array_equal(ts, sched.timesteps.numpy())
   rng = np.random.RandomState(0)
   idx = sorted(set([0, 1, len(ts) // 2, len(ts) - 2, len(ts) - 1]))
@@ -68,20 +69,24 @@ def test_ddpm_steps_match_diffusers(variance_type, clip, num_steps):
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i)).numpy()
     ref = sched.step(torch.from_numpy(eps), t, torch.from_numpy(x), generator=gen).prev_sample.numpy()
     got, _ = samplers._ddpm_update(jnp.asarray(x), jnp.asarray(eps), jnp.asarray(noise), t, jnp.float32(a_t[i]),
-                                   jnp.float32(a_prev[i]), clip, variance_type)
+                                   jnp.float32(a_prev[i]), clip, variance_type, 0.5 if clip else 1.0)
     np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("clip", [False, True])
-def test_ddim_steps_match_diffusers(eta, clip):
+@pytest.mark.parametrize("alpha_one,clip_range", [(True, 1.0), (False, 0.5)])
+def test_ddim_steps_match_diffusers(eta, clip, alpha_one, clip_range):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                  beta_schedule="linear", clip_sample=clip, set_alpha_to_one=True)
+                                  beta_schedule="linear", clip_sample=clip, set_alpha_to_one=alpha_one,
+                                  clip_sample_range=clip_range)
   sched.set_timesteps(50)
-  ts, a_t, a_prev = samplers._step_arrays(make_schedule(), SamplerConfig(method="ddim", num_steps=50))
+  cfg = SamplerConfig.from_scheduler_config(dict(sched.config, _class_name="DDIMScheduler"), num_steps=50)
+  assert cfg.method == "ddim" and cfg.set_alpha_to_one == alpha_one and cfg.clip_sample_range == clip_range
+  ts, a_t, a_prev = samplers.step_arrays(make_schedule(), cfg)
   np.testing.assert_array_equal(ts, sched.timesteps.numpy())
   rng = np.random.RandomState(1)
   for i in (0, 10, 48, 49):
@@ -91,7 +96,7 @@ def test_ddim_steps_match_diffusers(eta, clip):
     ref = sched.step(torch.from_numpy(eps), int(ts[i]), torch.from_numpy(x), eta=eta,
                      variance_noise=torch.from_numpy(noise)).prev_sample.numpy()
     got, _ = samplers._ddim_update(jnp.asarray(x), jnp.asarray(eps), jnp.asarray(noise), int(ts[i]),
-                                   jnp.float32(a_t[i]), jnp.float32(a_prev[i]), clip, eta)
+                                   jnp.float32(a_t[i]), jnp.float32(a_prev[i]), clip, eta, clip_range)
     np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=1e-4)
 
 

@@ -335,19 +335,10 @@ def sample_unrolled(eps_fn, params, x_T: jax.Array, key: jax.Array, schedule: Sc
   each step optionally `jax.checkpoint`-ed: straight-line code, which XLA:CPU differentiates ~3x faster.
   `start`/`stop`: only the chain's steps [start, stop), as `sample_loop`."""
   cfg = cfg.validate()
-  ts, a_t, a_prev = samplers._step_arrays(schedule, cfg)  # pylint: disable=protected-access
-  batch = x_T.shape[0]
-  stochastic = cfg.method == "ddpm" or cfg.eta > 0
+  ts, a_t, a_prev = samplers.step_arrays(schedule, cfg)
 
   def step(x, i, t, at, ap):
-    eps = eps_fn(params, x, jnp.full((batch,), t, jnp.int32)).astype(jnp.float32)
-    noise = (jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) if stochastic
-             else jnp.zeros_like(x))
-    if cfg.method == "ddpm":
-      x_new, _ = samplers._ddpm_update(x, eps, noise, t, at, ap, cfg.clip_sample, cfg.variance_type)  # noqa
-    else:
-      x_new, _ = samplers._ddim_update(x, eps, noise, t, at, ap, cfg.clip_sample, cfg.eta)  # noqa
-    return x_new
+    return samplers.denoise_step(eps_fn, params, cfg, key, x, i, t, at, ap)
 
   if remat:
     step = jax.checkpoint(step, static_argnums=(1,))
@@ -368,7 +359,7 @@ def sample_window(eps_fn, params, x_T: jax.Array, key: jax.Array, schedule: Sche
   compiled program grows with K, not N (an unrolled DDPM-50 backward pass compiled for ~14 min on 2 CPU cores).
   K = 0 or K >= N: the exact gradient through the whole chain.
   """
-  n = len(samplers._step_arrays(schedule, cfg)[0])  # pylint: disable=protected-access
+  n = len(samplers.step_arrays(schedule, cfg)[0])
   k = int(k)
   exact = functools.partial(sample_unrolled, remat=remat) if unroll else functools.partial(
       samplers.sample_loop, remat=remat)

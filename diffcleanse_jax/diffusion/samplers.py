@@ -57,6 +57,8 @@ class SamplerConfig:
   variance_type: str = "fixed_small"  # ddpm only
   timestep_spacing: str = "leading"
   steps_offset: int = 0
+  clip_sample_range: float = 1.0  # clip_sample clamps x0-hat to [-range, range]
+  set_alpha_to_one: bool = True  # ddim only: abar before the last step is 1 (else abar_0), diffusers' DDIM flag
 
   def validate(self) -> "SamplerConfig":
     if self.method not in SAMPLERS:
@@ -66,6 +68,8 @@ class SamplerConfig:
                          f"{', '.join(VARIANCE_TYPES)}")
     if not 0.0 <= float(self.eta) <= 1.0:
       raise SamplerError(f"sampler eta={self.eta} must be in [0, 1]")
+    if not float(self.clip_sample_range) > 0:
+      raise SamplerError(f"sampler clip_sample_range={self.clip_sample_range} must be > 0")
     return self
 
   @classmethod
@@ -75,7 +79,8 @@ class SamplerConfig:
     kw: dict[str, Any] = {}
     if "DDIM" in str(sc.get("_class_name", "")):
       kw["method"] = "ddim"
-    for k in ("clip_sample", "variance_type", "timestep_spacing", "steps_offset"):
+    for k in ("clip_sample", "variance_type", "timestep_spacing", "steps_offset", "clip_sample_range",
+              "set_alpha_to_one"):
       if k in sc and sc[k] is not None:
         kw[k] = sc[k]
     if kw.get("variance_type") not in (None, *VARIANCE_TYPES):
@@ -84,24 +89,26 @@ class SamplerConfig:
     return cls(**kw).validate()
 
 
-def _step_arrays(schedule: Schedule, cfg: SamplerConfig):
+def step_arrays(schedule: Schedule, cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The chain's (timesteps, abar_t, abar_prev), each (num_steps,), in sampling order (t descending)."""
   T = schedule.num_train_timesteps
   n = cfg.num_steps or (T if cfg.method == "ddpm" else 50)
   ts = inference_timesteps(T, n, cfg.timestep_spacing, cfg.steps_offset)
   prev = ts - T // n
   acp = schedule.alphas_cumprod
   a_t = acp[ts]
-  a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, T - 1)], 1.0)
+  final = 1.0 if cfg.method == "ddpm" or cfg.set_alpha_to_one else acp[0]
+  a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, T - 1)], final)
   return ts, a_t, a_prev
 
 
-def _ddpm_update(x, eps, noise, t, a_t, a_prev, clip, variance_type):
+def _ddpm_update(x, eps, noise, t, a_t, a_prev, clip, variance_type, clip_range=1.0):
   b_t, b_prev = 1 - a_t, 1 - a_prev
   cur_a = a_t / a_prev
   cur_b = 1 - cur_a
   x0 = (x - jnp.sqrt(b_t) * eps) / jnp.sqrt(a_t)
   if clip:
-    x0 = jnp.clip(x0, -1.0, 1.0)
+    x0 = jnp.clip(x0, -clip_range, clip_range)
   mean = (jnp.sqrt(a_prev) * cur_b / b_t) * x0 + (jnp.sqrt(cur_a) * b_prev / b_t) * x
   var_small = jnp.maximum(b_prev / b_t * cur_b, 1e-20)
   if variance_type in ("fixed_small", "fixed_small_log"):
@@ -111,16 +118,30 @@ def _ddpm_update(x, eps, noise, t, a_t, a_prev, clip, variance_type):
   return mean + jnp.where(t > 0, std, 0.0) * noise, x0
 
 
-def _ddim_update(x, eps, noise, t, a_t, a_prev, clip, eta):
+def _ddim_update(x, eps, noise, t, a_t, a_prev, clip, eta, clip_range=1.0):
   b_t = 1 - a_t
   x0 = (x - jnp.sqrt(b_t) * eps) / jnp.sqrt(a_t)
   if clip:
-    x0 = jnp.clip(x0, -1.0, 1.0)
+    x0 = jnp.clip(x0, -clip_range, clip_range)
   var = (1 - a_prev) / b_t * (1 - a_t / a_prev)
   std = eta * jnp.sqrt(var)
   direction = jnp.sqrt(jnp.maximum(1 - a_prev - std ** 2, 0.0)) * eps
   out = jnp.sqrt(a_prev) * x0 + direction
   return out + std * noise, x0
+
+
+def denoise_step(eps_fn: EpsFn, params, cfg: SamplerConfig, key: jax.Array, x: jax.Array, i, t, a_t, a_prev):
+  """One reverse step x_t -> x_prev (B,H,W,C) of the chain: step index i (its noise is normal(fold_in(key, i))),
+  integer timestep t, abar_t and abar_prev (from `step_arrays`)."""
+  eps = eps_fn(params, x, jnp.full((x.shape[0],), t, jnp.int32)).astype(jnp.float32)
+  stochastic = cfg.method == "ddpm" or cfg.eta > 0
+  noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) if stochastic else jnp.zeros_like(x)
+  if cfg.method == "ddpm":
+    x_new, _ = _ddpm_update(x, eps, noise, t, a_t, a_prev, cfg.clip_sample, cfg.variance_type,
+                            float(cfg.clip_sample_range))
+  else:
+    x_new, _ = _ddim_update(x, eps, noise, t, a_t, a_prev, cfg.clip_sample, cfg.eta, float(cfg.clip_sample_range))
+  return x_new
 
 
 def sample_loop(eps_fn: EpsFn, params, x_T: jax.Array, key: jax.Array, schedule: Schedule,
@@ -134,21 +155,13 @@ def sample_loop(eps_fn: EpsFn, params, x_T: jax.Array, key: jax.Array, schedule:
   [start, stop) from x_T = the state before step `start` (same timesteps and noise as inside the whole chain).
   """
   cfg = cfg.validate()
-  ts, a_t, a_prev = _step_arrays(schedule, cfg)
+  ts, a_t, a_prev = step_arrays(schedule, cfg)
   sl = slice(int(start), None if stop is None else int(stop))
   xs = (jnp.arange(len(ts))[sl], jnp.asarray(ts, jnp.int32)[sl], jnp.asarray(a_t, jnp.float32)[sl],
         jnp.asarray(a_prev, jnp.float32)[sl])
-  batch = x_T.shape[0]
-  stochastic = cfg.method == "ddpm" or cfg.eta > 0
 
   def step(x, inp):
-    i, t, at, ap = inp
-    eps = eps_fn(params, x, jnp.full((batch,), t, jnp.int32)).astype(jnp.float32)
-    noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) if stochastic else jnp.zeros_like(x)
-    if cfg.method == "ddpm":
-      x_new, _ = _ddpm_update(x, eps, noise, t, at, ap, cfg.clip_sample, cfg.variance_type)
-    else:
-      x_new, _ = _ddim_update(x, eps, noise, t, at, ap, cfg.clip_sample, cfg.eta)
+    x_new = denoise_step(eps_fn, params, cfg, key, x, *inp)
     return x_new, (x_new if return_trajectory else None)
 
   if remat:

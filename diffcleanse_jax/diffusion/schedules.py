@@ -12,6 +12,71 @@ from typing import Any, Mapping
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+# diffusers schedulers over the same discrete-time (variance-preserving) beta schedule: a checkpoint saved with
+# any of them is sampled here with DDPM/DDIM over the betas its config defines.
+BETA_SCHEDULERS = (
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler",
+    "DDIMInverseScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "FlaxDDPMScheduler", "FlaxDDIMScheduler", "FlaxPNDMScheduler")
+# Schedulers of other diffusion families (variance-exploding, continuous-time, flow matching, consistency): a
+# UNet trained for them does not predict the epsilon of the beta schedule above.
+OTHER_FAMILY_SCHEDULERS = (
+    "ScoreSdeVeScheduler", "ScoreSdeVpScheduler", "KarrasVeScheduler", "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler", "CMStochasticIterativeScheduler", "EDMEulerScheduler",
+    "EDMDPMSolverMultistepScheduler", "FlaxScoreSdeVeScheduler", "FlaxKarrasVeScheduler")
+
+
+class SchedulerConfigError(ValueError):
+  """A scheduler config this toolkit cannot honour (names the source, the field and what was expected)."""
+
+
+def validate_scheduler_config(cfg: Mapping[str, Any] | None, source: str = "scheduler config") -> None:
+  """Rejects scheduler settings that the samplers, inversion and fine-tuning here would silently get wrong.
+
+  Everything in this toolkit treats the UNet as an epsilon predictor on a discrete beta schedule, so: the
+  scheduler family must be a beta-schedule one, `prediction_type` must be 'epsilon', the betas must be
+  buildable, and options that change them or the x0 estimate (`rescale_betas_zero_snr`, `thresholding`) are
+  refused. Raises SchedulerConfigError naming `source` and the field.
+  """
+  cfg = dict(cfg or {})
+
+  def fail(field, msg):
+    raise SchedulerConfigError(f"{source}: {field} {msg}")
+
+  cls = cfg.get("_class_name")
+  if cls is not None and cls not in BETA_SCHEDULERS:
+    if cls in OTHER_FAMILY_SCHEDULERS or not any(k in cfg for k in ("beta_schedule", "trained_betas")):
+      fail("_class_name", f"is {cls!r}, not a beta-schedule (DDPM-family) scheduler; expected one of "
+                          f"{', '.join(BETA_SCHEDULERS[:6])}, ...")
+  pred = cfg.get("prediction_type", "epsilon")
+  if pred not in (None, "epsilon"):
+    fail("prediction_type", f"is {pred!r}; only epsilon-prediction models are supported (expected 'epsilon')")
+  for key in ("rescale_betas_zero_snr", "thresholding"):
+    if cfg.get(key):
+      fail(key, "is true; not supported (expected false or absent)")
+  n = cfg.get("num_train_timesteps", 1000)
+  if isinstance(n, bool) or not isinstance(n, (int, float)) or int(n) != n or int(n) < 2:
+    fail("num_train_timesteps", f"is {n!r}; expected an integer >= 2")
+  trained = cfg.get("trained_betas")
+  if trained is not None:
+    try:
+      b = np.asarray(trained, dtype=np.float64)
+    except (TypeError, ValueError):
+      fail("trained_betas", "is not a list of numbers")
+    if b.ndim != 1 or b.shape[0] != int(n):
+      fail("trained_betas", f"has shape {b.shape}; expected ({int(n)},) = num_train_timesteps")
+    if not np.all((b > 0) & (b < 1)):
+      fail("trained_betas", "has values outside (0, 1)")
+  else:
+    sched = cfg.get("beta_schedule", "linear")
+    if sched not in BETA_SCHEDULES:
+      fail("beta_schedule", f"is {sched!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+    for key, default in (("beta_start", 1e-4), ("beta_end", 0.02)):
+      v = cfg.get(key, default)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        fail(key, f"is {v!r}; expected a number in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diffcleanse_jax.diffusion.schedules import validate_scheduler_config
 from diffcleanse_jax.io import CheckpointError
 from diffcleanse_jax.io.safetensors_io import load_safetensors, save_safetensors
 from diffcleanse_jax.io.torch_pickle import load_torch_state_dict
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 DIFFUSERS_VERSION = "0.42.1"
 WEIGHTS_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_BIN = "diffusion_pytorch_model.bin"
+INDEX_SUFFIX = ".index.json"  # sharded checkpoints: <weights name>.index.json + the shard files it names
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -238,18 +240,45 @@ def _find_model_dir(root: Path) -> Path:
 
 
 def _find_weights(model_dir: Path) -> Path:
-  for name in (WEIGHTS_SAFETENSORS, WEIGHTS_BIN):
+  """The weights file, or the shard index (`<weights>.index.json`) of a sharded checkpoint."""
+  for name in (WEIGHTS_SAFETENSORS, WEIGHTS_BIN, WEIGHTS_SAFETENSORS + INDEX_SUFFIX, WEIGHTS_BIN + INDEX_SUFFIX):
     if (model_dir / name).is_file():
       return model_dir / name
   others = sorted(p.name for p in model_dir.iterdir()
                   if p.suffix in (".safetensors", ".bin", ".json", ".pt", ".pth", ".ckpt") and p.name != CONFIG_NAME)
   hint = ""
-  if any(n.endswith(".index.json") for n in others):
-    hint = "; sharded checkpoints are not supported (re-save with a larger max_shard_size)"
-  elif others:
+  if others:
     hint = (f"; found {', '.join(others[:6])} (a variant such as .fp16 or .ema must be renamed to "
-            f"{WEIGHTS_SAFETENSORS})")
-  raise CheckpointError(f"{model_dir}: no {WEIGHTS_SAFETENSORS} or {WEIGHTS_BIN}{hint}")
+            f"{WEIGHTS_SAFETENSORS}, or its .index.json to {WEIGHTS_SAFETENSORS + INDEX_SUFFIX})")
+  raise CheckpointError(f"{model_dir}: no {WEIGHTS_SAFETENSORS} or {WEIGHTS_BIN} (nor a sharded "
+                        f"{INDEX_SUFFIX}){hint}")
+
+
+def _load_sharded(index_path: Path) -> dict[str, np.ndarray]:
+  """A sharded checkpoint (diffusers `save_pretrained(max_shard_size=...)`): its index's `weight_map` names,
+  for every tensor, the shard file in the same folder that holds it."""
+  index = _read_json(index_path, "shard index")
+  wmap = index.get("weight_map")
+  if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+    raise CheckpointError(f"{index_path}: weight_map must be a non-empty object of tensor name -> shard file")
+  by_shard: dict[str, list[str]] = {}
+  for name, shard in wmap.items():
+    by_shard.setdefault(shard, []).append(name)
+  state: dict[str, np.ndarray] = {}
+  for shard, names in sorted(by_shard.items()):
+    if Path(shard).name != shard or shard in (".", ".."):
+      raise CheckpointError(f"{index_path}: shard {shard!r} must be a file name in the index's folder")
+    path = index_path.parent / shard
+    if not path.is_file():
+      raise CheckpointError(f"{index_path}: shard file {shard} (holding {len(names)} tensors, e.g. {names[0]!r}) "
+                            "is missing")
+    tensors = load_state_dict(path)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+      raise CheckpointError(f"{path}: lacks {len(missing)} tensors that {index_path.name} places there, e.g. "
+                            f"{missing[0]!r}")
+    state.update({n: tensors[n] for n in names})
+  return state
 
 
 def load_diffusers_folder(path: str | os.PathLike) -> tuple[UNetSpec, dict, dict[str, Any], dict[str, Any]]:
@@ -258,7 +287,9 @@ def load_diffusers_folder(path: str | os.PathLike) -> tuple[UNetSpec, dict, dict
   Returns (spec, params, scheduler_config, config): params is the flax tree (float32 numpy arrays),
   scheduler_config the `scheduler_config.json` dict (the project's DDPM defaults, with a logged warning, when
   the folder has none), config the raw `config.json` dict. Weights: `diffusion_pytorch_model.safetensors`
-  preferred, else `.bin` (read without torch). Raises CheckpointError (files) or ConfigError (config values).
+  preferred, else `.bin` (read without torch), else a sharded checkpoint's `.index.json` and its shards.
+  Raises CheckpointError (files), ConfigError (model config values) or SchedulerConfigError (scheduler config:
+  a non-epsilon or non-beta-schedule model).
   """
   root = Path(os.fspath(path))
   model_dir = _find_model_dir(root)
@@ -273,13 +304,15 @@ def load_diffusers_folder(path: str | os.PathLike) -> tuple[UNetSpec, dict, dict
                 config_path, ", ".join(unknown))
   spec = UNetSpec.from_config(config, source=str(config_path), strict=False)
   weights = _find_weights(model_dir)
-  params = torch_to_flax(load_state_dict(weights), spec, source=str(weights))
+  state = _load_sharded(weights) if weights.name.endswith(INDEX_SUFFIX) else load_state_dict(weights)
+  params = torch_to_flax(state, spec, source=str(weights))
   candidates = [model_dir / SCHEDULER_CONFIG_NAME, root / "scheduler" / SCHEDULER_CONFIG_NAME]
   if model_dir == root:
     candidates.append(root.parent / "scheduler" / SCHEDULER_CONFIG_NAME)  # given the unet/ subfolder itself
   for cand in candidates:
     if cand.is_file():
       scheduler_config = _read_json(cand, "scheduler config")
+      validate_scheduler_config(scheduler_config, str(cand))
       break
   else:
     scheduler_config = dict(DEFAULT_SCHEDULER)
