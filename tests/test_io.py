@@ -182,6 +182,16 @@ def test_pipeline_layout_and_default_scheduler(tiny, tmp_path, caplog):
   _assert_same_tree(params, params2)
   # Given the unet/ subfolder itself, the sibling scheduler/ is found too.
   assert load_diffusers_folder(tmp_path / "pipe" / "unet")[2]["variance_type"] == "fixed_large"
+  # model_index.json: a DDPMPipeline loads; a latent pipeline (a VQ-VAE besides the UNet) is refused by name.
+  index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+           "unet": ["diffusers", "UNet2DModel"]}
+  (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+  assert load_diffusers_folder(tmp_path / "pipe")[0] == spec
+  (tmp_path / "pipe" / "model_index.json").write_text(
+      json.dumps(dict(index, _class_name="LDMPipeline", vqvae=["diffusers", "VQModel"])))
+  with pytest.raises(CheckpointError, match=r"model_index.json: pipeline LDMPipeline has components vqvae "
+                                            r"besides unet and scheduler"):
+    load_diffusers_folder(tmp_path / "pipe")
 
 
 def test_bin_weights_without_torch(tiny, tmp_path):

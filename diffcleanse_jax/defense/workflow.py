@@ -39,6 +39,7 @@ import numpy as np
 from diffcleanse_jax.defense.detection import (DetectionResult, detect_bbti, detect_whitebox, detection_settings,
                                                section)
 from diffcleanse_jax.io import images as image_io
+from diffcleanse_jax.io import original_ddpm
 from diffcleanse_jax.io.native import load_pretrained, load_training_checkpoint
 from diffcleanse_jax.model import DiffusionModel
 from diffcleanse_jax.io.files import write_json, write_text_atomic
@@ -86,10 +87,13 @@ def get_detector(method: str) -> Callable[..., DetectionResult]:
 # ------------------------------------------------------------------------------------------------- helpers
 def load_model_dir(path: str) -> DiffusionModel:
   """A model from a folder: `<path>/model` if present (train/attack workdirs export it there), else a
-  training checkpoint folder (`checkpoints/`), else whatever `load_pretrained` reads."""
+  training checkpoint folder (`checkpoints/`), else whatever `load_pretrained` reads (which also takes an
+  original-DDPM/ddim checkpoint file)."""
   path = os.fspath(path)
+  if os.path.isfile(path):
+    return load_pretrained(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no such model folder")
+    raise FileNotFoundError(f"{path}: no such model folder or checkpoint file")
   sub = os.path.join(path, "model")
   if os.path.isdir(sub):
     return load_pretrained(sub)
@@ -188,7 +192,8 @@ def list_model_dirs(models_dir: str) -> list[str]:
   if not os.path.isdir(models_dir):
     raise FileNotFoundError(f"--models_dir={models_dir}: no such folder")
   return sorted(n for n in os.listdir(models_dir)
-                if not n.startswith(".") and os.path.isdir(os.path.join(models_dir, n)))
+                if not n.startswith(".") and (os.path.isdir(os.path.join(models_dir, n))
+                                              or n.endswith(original_ddpm.CHECKPOINT_SUFFIXES)))
 
 
 def _fmt(v) -> str:

@@ -36,6 +36,7 @@ WEIGHTS_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_BIN = "diffusion_pytorch_model.bin"
 INDEX_SUFFIX = ".index.json"  # sharded checkpoints: <weights name>.index.json + the shard files it names
 CONFIG_NAME = "config.json"
+PIPELINE_INDEX_NAME = "model_index.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
 _LIST_MODULES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out")
@@ -226,6 +227,21 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
   return obj
 
 
+def _check_pipeline_index(root: Path) -> None:
+  """A pipeline folder's `model_index.json` may only hold a UNet and a scheduler: a VAE/VQ-VAE (latent
+  diffusion), a text encoder or any other component means its UNet does not denoise pixels from plain noise."""
+  path = root / PIPELINE_INDEX_NAME
+  if not path.is_file():
+    return
+  index = _read_json(path, "pipeline index")
+  extra = sorted(k for k, v in index.items() if not k.startswith("_") and k not in ("unet", "scheduler")
+                 and v not in (None, [None, None]))
+  if extra:
+    raise CheckpointError(f"{path}: pipeline {index.get('_class_name', '?')} has components {', '.join(extra)} "
+                          "besides unet and scheduler (a latent or conditional pipeline); only pixel-space "
+                          "unconditional pipelines (unet + scheduler, e.g. DDPMPipeline) are supported")
+
+
 def _find_model_dir(root: Path) -> Path:
   if not root.exists():
     raise CheckpointError(f"{root}: no such folder")
@@ -234,6 +250,7 @@ def _find_model_dir(root: Path) -> Path:
   if (root / CONFIG_NAME).is_file():
     return root
   if (root / "unet" / CONFIG_NAME).is_file():
+    _check_pipeline_index(root)
     return root / "unet"
   raise CheckpointError(f"{root}: no {CONFIG_NAME} (expected a diffusers UNet2DModel folder, or a pipeline "
                         f"folder with unet/{CONFIG_NAME})")

@@ -154,12 +154,19 @@ def is_diffusers_folder(path: str) -> bool:
 
 
 def load_pretrained(path: str, use_ema: bool = True) -> DiffusionModel:
-  """Loads a diffusers folder, a native model folder, or a training workdir/checkpoint (newest step)."""
+  """Loads a diffusers folder, a native model folder, a training workdir/checkpoint (newest step), or an
+  original-DDPM-layout checkpoint (ermongroup/ddim, pytorch_diffusion, TrojDiff: a .pth/.pt/.ckpt file, or a ddim
+  log folder with ckpt.pth and config.yml)."""
   if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
     raise ModelLoadError(f"{path}: no such file or directory")
   path = os.fspath(path)
+  from diffcleanse_jax.io import original_ddpm
+  if original_ddpm.find_original_checkpoint(path) is not None and not is_diffusers_folder(path):
+    spec, params, scheduler_config, _ = original_ddpm.load_original_checkpoint(path, use_ema)
+    return DiffusionModel(spec, params, scheduler_config, source=path)
   if not os.path.isdir(path):
-    raise ModelLoadError(f"{path}: expected a folder (diffusers model folder, native model folder or workdir)")
+    raise ModelLoadError(f"{path}: expected a folder (diffusers model folder, native model folder or workdir) "
+                         f"or an original-DDPM/ddim checkpoint file ({', '.join(original_ddpm.CHECKPOINT_SUFFIXES)})")
   if os.path.isfile(os.path.join(path, NATIVE_META)):
     return load_native(path)
   if is_diffusers_folder(path):

@@ -390,6 +390,12 @@ def _flatten_state_dict(path: str, obj: Any, key: str | None) -> dict[str, np.nd
   return {str(k): v for k, v in obj.items()}
 
 
+def load_torch_object(path: str | os.PathLike) -> Any:
+  """The object a torch checkpoint file holds (dicts, lists, tuples, numbers, strings and tensors as numpy
+  arrays), read by the same restricted unpickler as `load_torch_state_dict`."""
+  return _load_object(os.fspath(path))
+
+
 def load_torch_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
   """Loads a torch checkpoint's state dict as {name: C-contiguous np.ndarray}, without torch.
 
