@@ -42,6 +42,10 @@ def test_unknown_block_type_names_the_field_and_the_valid_types():
     ("act_fn", "tanh", "act_fn"),
     ("time_embedding_type", "rope", "time_embedding_type"),
     ("class_embed_type", "timestep", "class_embed_type"),
+    ("sample_size", 0, r"sample_size=0 must be a positive integer"),
+    ("sample_size", 12.5, r"sample_size=12.5 must be a positive integer"),
+    ("sample_size", 15, r"sample_size=15 is not divisible by 2\*\*1"),
+    ("sample_size", [16, 32], r"must be square"),
 ])
 def test_invalid_values_are_rejected(field, value, needle):
   cfg = preset("tiny")

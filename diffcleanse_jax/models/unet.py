@@ -152,6 +152,14 @@ class UNetSpec:
       if len(set(ss)) != 1:
         fail("sample_size", "must be square")
       ss = ss[0]
+    if ss is not None:
+      if isinstance(ss, bool) or not isinstance(ss, (int, float)) or int(ss) != ss or int(ss) < 1:
+        fail("sample_size", "must be a positive integer (or null)")
+      ss = int(ss)
+      n_down = len(full["block_out_channels"]) - 1
+      if ss % (2 ** n_down):
+        fail("sample_size", f"is not divisible by 2**{n_down} (the UNet downsamples {n_down} times, so its skip "
+                            "connections would not line up)")
     if pruned is not None and widths is None:
       widths = pruned
     return cls(
