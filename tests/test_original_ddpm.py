@@ -174,6 +174,15 @@ def test_ddim_log_folder_loads_with_parity(tmp_path):
     got = np.asarray(model(x.transpose(0, 2, 3, 1), np.asarray(t))).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, _out(ref_model, x, t), atol=1e-4, rtol=0)
 
+  # Exported as a diffusers folder, diffusers itself reproduces the original network.
+  diffusers = pytest.importorskip("diffusers")
+  from diffcleanse_jax.workflows import export_model
+  out = export_model({"seed": 0}, str(tmp_path / "export"), str(log_dir))
+  theirs = diffusers.UNet2DModel.from_pretrained(out).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(theirs(torch.from_numpy(x), torch.tensor(t)).sample.numpy(), _out(ema, x, t),
+                               atol=1e-4, rtol=0)
+
   # A bare state-dict file (pytorch_diffusion style) loads too; without a config.yml: 32x32 with a warning.
   torch.save(raw.state_dict(), tmp_path / "model.ckpt")
   bare = load_pretrained(str(tmp_path / "model.ckpt"))
@@ -182,7 +191,7 @@ def test_ddim_log_folder_loads_with_parity(tmp_path):
   from diffcleanse_jax.defense.workflow import list_model_dirs, load_model_dir
   assert load_model_dir(str(tmp_path / "model.ckpt")).num_params == bare.num_params
   (tmp_path / "notes.txt").write_text("not a model")
-  assert list_model_dirs(str(tmp_path)) == ["logs", "model.ckpt"]
+  assert list_model_dirs(str(tmp_path)) == ["export", "logs", "model.ckpt"]
 
 
 def test_ddim_schedules_and_refusals(tmp_path):
