@@ -94,10 +94,11 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
       use_true_trigger=False, rescale_attention=False))
   # finetune: dual loss (w_ddpm * DDPM + w_kd * distillation to the original model), antithetic timesteps, Adam,
   # cosine, clip 1.0, EMA 0.999. num_steps 0 = epochs * num_images / batch_size. data: 'generated' (samples of
-  # the original model from plain noise, cached in the workdir: num_images of them, sample_method/sample_steps)
-  # or 'dataset' (config.data).
+  # the original model from plain noise, cached in the workdir: num_images of them, sample_method/sample_steps;
+  # ancestral DDPM, because fine-tuning on deterministic DDIM samples compounds their smoothing: docs/RESULTS.md
+  # "session 17") or 'dataset' (config.data).
   c.finetune = ml_collections.ConfigDict(dict(
-      data="generated", num_images=10000, sample_method="ddim", sample_steps=100, sample_batch_size=128,
+      data="generated", num_images=10000, sample_method="ddpm", sample_steps=100, sample_batch_size=128,
       batch_size=128, num_steps=0, epochs=40, learning_rate=2e-4, warmup_steps=0, lr_schedule="cosine",
       grad_clip=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, ema_decay=0.999,
       ema_warmup=True, steps_per_call=1, log_every=50, checkpoint_every=500, keep_checkpoints=2, flip=True,

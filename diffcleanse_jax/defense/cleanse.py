@@ -162,8 +162,8 @@ def clean_images(model, config, workdir, key, num: int, log, mesh=None) -> np.nd
     return np.asarray(images, np.float32)
   if kind != "generated":
     raise ValueError(f"config.finetune.data={kind!r}; expected 'generated' or 'dataset'")
-  cfg = _sampler(config, model, "finetune", clip=False, method=str(_get(fc, "sample_method", "ddim")),
-                 num_steps=int(_get(fc, "sample_steps", 50)))
+  cfg = _sampler(config, model, "finetune", clip=False, method=str(_get(fc, "sample_method", "ddpm")),
+                 num_steps=int(_get(fc, "sample_steps", 100)))
   return ft.generated_dataset(model, num, key, cfg, int(_get(fc, "sample_batch_size", 64)),
                               cache_path=os.path.join(workdir, ft.DATA_FILE), mesh=mesh, log=log)
 
