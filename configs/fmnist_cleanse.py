@@ -39,8 +39,8 @@ def get_config():
   c.prune.t_chunk = 4
 
   # Data-free dual-loss fine-tuning: 256 DDPM-100 (ancestral) samples of the original model (cached in the
-  # workdir). With deterministic DDIM-25 samples the demo's clean FD rose +41 %, with DDPM-100 +10.6 %
-  # (docs/RESULTS.md, the demo section).
+  # workdir). With deterministic DDIM-25 samples the demo's clean FD rose +41 %, with DDPM-100 +10.6 / +16.8 %
+  # in two runs (docs/RESULTS.md, the demo section).
   c.finetune.data = "generated"
   c.finetune.num_images = 256
   c.finetune.sample_method = "ddpm"
