@@ -28,7 +28,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from diffcleanse_jax.io import CheckpointError
+from diffcleanse_jax.io.diffusers import torch_to_flax
 from diffcleanse_jax.io.torch_pickle import load_torch_object
+from diffcleanse_jax.models.unet import UNetSpec
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,11 @@ def _scheduler_config(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
   start, end = float(diff.get("beta_start", 1e-4)), float(diff.get("beta_end", 0.02))
   schedule = str(diff.get("beta_schedule", "linear"))
   var = str((cfg.get("model") or {}).get("var_type", "fixedlarge"))
-  sc: dict[str, Any] = dict(_class_name="DDPMScheduler", num_train_timesteps=n, beta_start=start, beta_end=end,
-                            variance_type=_VAR_TYPES.get(var, "fixed_large"), clip_sample=False,
-                            prediction_type="epsilon", timestep_spacing="leading", steps_offset=0)
   if var not in _VAR_TYPES:
     raise CheckpointError(f"{source}: model.var_type={var!r}; expected fixedlarge or fixedsmall")
+  sc: dict[str, Any] = dict(_class_name="DDPMScheduler", num_train_timesteps=n, beta_start=start, beta_end=end,
+                            variance_type=_VAR_TYPES[var], clip_sample=False, prediction_type="epsilon",
+                            timestep_spacing="leading", steps_offset=0)
   if schedule in _BETA_SCHEDULES:
     sc["beta_schedule"] = _BETA_SCHEDULES[schedule]
   else:
@@ -229,9 +231,6 @@ def load_original_checkpoint(path: str | os.PathLike, use_ema: bool = True, samp
   """(spec, flax params, scheduler_config, diffusers config) for an original-layout checkpoint file or ddim log
   folder. The image size comes from `sample_size`, else the folder's config.yml (`data.image_size`), else 32
   (with a warning); the schedule from config.yml's `diffusion` section, else DDPM's linear 1e-4..0.02 x 1000."""
-  from diffcleanse_jax.io.diffusers import torch_to_flax
-  from diffcleanse_jax.models.unet import UNetSpec
-
   ckpt = find_original_checkpoint(path)
   if ckpt is None:
     raise CheckpointError(f"{path}: expected a {'/'.join(CHECKPOINT_SUFFIXES)} checkpoint or a folder with ckpt.pth")
