@@ -102,7 +102,12 @@ def test_clip_method_and_clean_model(tmp_path, stub):
   c.detection.method = "stub_clean"
   rep = cl.cleanse(_model(), c, str(tmp_path / "clean"), jax.random.key(0))
   assert rep["backdoored"] is False and rep["cleansed"] is False and rep["asr_after"] is None
-  assert os.path.isfile(str(tmp_path / "clean" / "cleansed" / "config.json"))
+  # a model the detector calls clean is written out unchanged (no pruning, no fine-tuning) unless forced
+  out = load_pretrained(str(tmp_path / "clean" / "cleansed"))
+  assert out.num_params == rep["params_before"] and not out.spec.widths
+  for a, b in zip(jax.tree.leaves(_model().params), jax.tree.leaves(out.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not os.path.exists(str(tmp_path / "clean" / "finetune"))
 
 
 def test_unknown_method_is_a_clear_error(tmp_path):
