@@ -34,7 +34,8 @@ if [ ! -f "$STAMP" ]; then
   echo "[setup] installing diffcleanse-jax${EXTRAS:+[$EXTRAS]} (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   SPEC="."; [ -n "$EXTRAS" ] && SPEC=".[$EXTRAS]"
-  .venv/bin/python -m pip install -q -e "$SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -e "$SPEC" > .venv/pip-install.log 2>&1 || {
+    tail -n 40 .venv/pip-install.log >&2; echo "[setup] pip install -e '$SPEC' failed (log: .venv/pip-install.log)" >&2; exit 1; }
   .venv/bin/python -c "import diffcleanse_jax, jax, flax, optax, orbax.checkpoint" || { echo "[setup] install failed" >&2; exit 1; }
   touch "$STAMP"
 fi
