@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -24,6 +25,12 @@ class EpsFn:
 
   def __call__(self, params, x, t, *, train: bool = False, rngs=None):
     return UNet2DModel(self.spec).apply({"params": params}, x, t, train, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(fn: EpsFn):
+  """One compiled forward per architecture (EpsFn hashes by spec)."""
+  return jax.jit(fn)
 
 
 class DiffusionModel:
@@ -86,7 +93,8 @@ class DiffusionModel:
     return DiffusionModel(**d)
 
   def __call__(self, x, t):
-    return self.apply(self.params, jnp.asarray(x), jnp.asarray(t))
+    """epsilon_theta(x (B,H,W,C) in [-1,1] scale, t (B,) ints), as one compiled program per architecture."""
+    return _jitted(self.apply)(self.params, jnp.asarray(x), jnp.asarray(t))
 
   def __repr__(self):
     return (f"DiffusionModel({self.num_params:,} params, image {self.image_shape}, widths "
