@@ -87,5 +87,5 @@ def test_pruned_model_runs_and_keep_all_widths_is_identity():
   assert spec.with_widths(default_widths(spec)) == spec
   pruned = spec.with_widths({"down_blocks_0/resnets_0/conv1": 4, "down_blocks_0/resnets_0/time_emb_proj": 4})
   params = init_params(pruned, jax.random.key(1))
-  out = UNet2DModel(pruned).apply({"params": params}, jnp.ones((1, 16, 16, 1)), jnp.array([3]))
+  out = jax.jit(UNet2DModel(pruned).apply)({"params": params}, jnp.ones((1, 16, 16, 1)), jnp.array([3]))
   assert np.isfinite(np.asarray(out)).all()
