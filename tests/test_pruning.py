@@ -222,7 +222,7 @@ def test_taylor_gradient_matches_a_batched_sum_and_finite_differences_and_the_sc
     return len(ts) * jnp.mean((eps - jnp.tile(noise, (len(ts), 1, 1, 1))) ** 2)
 
   g = P.accumulate_grads(P.make_grad_fn(m.apply, acp), m.params, x0, noise, trig, ts, t_chunk=3)  # 3 + padded 1
-  ref = jax.jit(jax.grad(total_loss))(m.params)  # jit: run eagerly, every op compiles on its own
+  ref = jax.jit(jax.grad(total_loss))(m.params)  # jitted: run eagerly, every op would compile on its own
   total_loss = jax.jit(total_loss)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
