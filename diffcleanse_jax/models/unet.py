@@ -552,8 +552,8 @@ def init_params(spec: UNetSpec, key: jax.Array, image_size: int | None = None) -
   """Random parameters for `spec` (flax default initialisers); returns the 'params' collection."""
   # One compiled init instead of hundreds of small eager ops. On the CPU it is compiled without XLA's backend
   # optimisations: the threefry/truncated-normal graph of every parameter otherwise takes ~20 s to compile for
-  # even the tiny preset, ~4 s this way; the program runs once, and its values match the optimised compile to
-  # within 1 float32 ulp (checked on the tiny preset, 2026-12-05).
+  # even the tiny preset, ~5 s this way; the program runs once, and its values differ from the optimised
+  # compile's by at most 1.2e-7 on the tiny preset (docs/RESULTS.md, "Test suite time").
   lowered = jax.jit(_init_fn(spec, image_size)).lower(key)
   opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   return lowered.compile(compiler_options=opts)(key)
