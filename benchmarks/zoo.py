@@ -497,6 +497,9 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
     d = dataclasses.asdict(InversionSettings.from_config(config.inversion, method=method))
     if not d["whitebox_backprop_steps"]:  # added later; without effect (and out of older digests) while 0
       d = {k: v for k, v in d.items() if k not in ("whitebox_backprop_steps", "whitebox_window")}
+    for k in ("whitebox_value_weight", "whitebox_sim_scale"):  # likewise while 1 (added in session 20)
+      if d.get(k) == 1.0:
+        d.pop(k)
     return {k: v for k, v in d.items() if method == "whitebox" or not k.startswith("whitebox_")}
 
   def digest(det_name):

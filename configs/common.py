@@ -68,7 +68,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
       init_mean=0.0, init_std=1.0, seed=0, stop_on_zero_similarity_loss=True, whitebox_unroll=True,
       whitebox_remat=True, whitebox_num_steps=0, whitebox_backprop_steps=0, whitebox_window="first", log_every=10,
       stop_mscr=1.0, refine_epochs=0, refine_learning_rate=0.0, refine_num_steps=0, refine_method="",
-      shift_weight=0.0, whitebox_shift_weight=0.0, shift_lambda=0.5))
+      shift_weight=0.0, whitebox_shift_weight=0.0, whitebox_value_weight=1.0, whitebox_sim_scale=1.0,
+      shift_lambda=0.5))
   # detection (defense/detection.py, defense/workflow.py): method bbti | whitebox | elijah | terd; backdoored iff
   # score > threshold (MSCR > 0.5 for bbti/whitebox); num_images: size of the preview grids of --mode=detect.
   # elijah / terd: the baselines' own settings (their modules' DEFAULTS). trigger_from (bbti / whitebox only):

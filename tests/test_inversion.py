@@ -206,6 +206,39 @@ def test_whitebox_window_settings_are_validated():
     toy_settings(whitebox_backprop_steps=-1).validate()
 
 
+@pytest.mark.parametrize("knob,part", [("whitebox_value_weight", "value"), ("whitebox_sim_scale", "sim")])
+def test_whitebox_loss_weights_scale_only_their_term_of_whitebox_epochs(knob, part):
+  """whitebox_value_weight w_v / whitebox_sim_scale c: a whitebox epoch's loss is c w_s L_s + w_e L_e + w_v L_v
+  (its gradient that of this loss, through the sampler); bbti epochs keep the reference weights; < 0 refused."""
+  params = toy_params(1e9)
+  noise, skey = inv.fixed_noise(jax.random.key(0), 4, (S, S, 1))
+  p = inv.initial_patterns(jax.random.key(0), 1, (S, S, 1))[0]
+  s1 = toy_settings(method="whitebox", batch_size=4, num_steps=3)
+  sv = dataclasses.replace(s1, **{knob: 0.25})
+  g1, parts1, sets, _ = inv.pattern_gradient(ToyEps(), params, SCHED, s1, p, noise, skey)
+  gv, partsv, _, _ = inv.pattern_gradient(ToyEps(), params, SCHED, sv, p, noise, skey)
+
+  def term(parts):  # the weighted term in the reference loss
+    return parts.value if part == "value" else parts.sim_weight * parts.sim
+
+  assert float(term(parts1)) > 0
+  np.testing.assert_allclose(getattr(partsv, part), getattr(parts1, part), rtol=1e-6)  # parts are unweighted
+  np.testing.assert_allclose(partsv.total, parts1.total - 0.75 * term(parts1), rtol=1e-5)
+  sched = schedule_from_config(SCHED)
+  scfg = s1.sampler_config(SCHED)
+
+  def term_of(q):
+    x0 = samplers.sample_loop(ToyEps(), params, noise + inv.pattern_from_raw(q)[None], skey, sched, scfg)
+    return term(inv.image_loss(samplers.to_images01(x0), sets)[1])
+
+  np.testing.assert_allclose(gv, g1 - 0.75 * jax.grad(term_of)(p), rtol=1e-3, atol=1e-5 * float(jnp.abs(g1).max()))
+  g_bb1 = inv.pattern_gradient(ToyEps(), params, SCHED, dataclasses.replace(s1, method="bbti"), p, noise, skey)[0]
+  g_bbv = inv.pattern_gradient(ToyEps(), params, SCHED, dataclasses.replace(sv, method="bbti"), p, noise, skey)[0]
+  np.testing.assert_array_equal(g_bbv, g_bb1)
+  with pytest.raises(inv.InversionError, match=f"{knob}=-1"):
+    toy_settings(**{knob: -1.0}).validate()
+
+
 # ------------------------------------------------------------------------------------------ optimisation
 def test_faithful_code_bug_is_a_uniform_drift():
   """§4.2: no image-loss gradient reaches p; after the first update Adam sees a constant -2 everywhere, so p

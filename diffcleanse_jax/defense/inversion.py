@@ -50,6 +50,12 @@ same update rule. `shift_weight` applies to bbti epochs only; whitebox epochs (t
 method='whitebox', or a refinement with refine_method='whitebox') use `whitebox_shift_weight` (default 0): the
 exact image-loss gradient is on another scale, and shift_weight = 1e7 swamps it (docs/RESULTS.md, session 8).
 
+Whitebox loss weights (`whitebox_value_weight` w_v, `whitebox_sim_scale` c; our options, default 1 = the
+reference): a whitebox epoch's loss is c w_s L_s + w_e L_e + w_v L_v; bbti epochs keep the reference weights.
+The exact gradient follows whichever term is largest (on Fashion-MNIST L_v, from the black backgrounds), and it
+meets that term without a collapse; neither knob closed that gap on zoo user-shoe-p0.2 (docs/RESULTS.md,
+"Session 20": w_v 0.1 trades L_v for L_e, c 100 drives the outputs to excluded black images).
+
 Refinement (`refine_epochs` = K > 0): the main loop fits the pattern to one fixed noise batch, and a collapse of
 those 16 noises does not always carry over to fresh noise and the model's own long chain. After the loop, every
 restart that collapsed (best |T| > 0) continues from its best pattern for K more epochs with the same losses,
@@ -126,6 +132,8 @@ class InversionSettings:
   refine_method: str = ""           # gradient of the refinement: bbti / whitebox ("" = method)
   shift_weight: float = 0.0         # w > 0 adds w * L_shift, Elijah's distribution-shift loss (module doc)
   whitebox_shift_weight: float = 0.0  # the shift weight of whitebox epochs (shift_weight is bbti's; module doc)
+  whitebox_value_weight: float = 1.0  # w_v of whitebox epochs' L_v (bbti: 1, the reference; module doc)
+  whitebox_sim_scale: float = 1.0   # whitebox epochs' L_s term is scaled by this (bbti: 1, the reference)
   shift_lambda: float = 0.5         # lambda of L_shift (rho_T ~= 0.5, ALGORITHMS §2.1)
 
   def validate(self) -> "InversionSettings":
@@ -145,6 +153,9 @@ class InversionSettings:
     if self.shift_weight < 0 or self.whitebox_shift_weight < 0:
       raise InversionError(f"inversion.shift_weight={self.shift_weight} and whitebox_shift_weight="
                            f"{self.whitebox_shift_weight} must be >= 0")
+    for name in ("whitebox_value_weight", "whitebox_sim_scale"):
+      if getattr(self, name) < 0:
+        raise InversionError(f"inversion.{name}={getattr(self, name)} must be >= 0")
     if self.whitebox_window not in WINDOWS:
       raise InversionError(f"inversion.whitebox_window={self.whitebox_window!r}; expected one of "
                            f"{', '.join(WINDOWS)}")
@@ -160,6 +171,11 @@ class InversionSettings:
   def epoch_shift_weight(self) -> float:
     """The weight of L_shift in an epoch with this gradient method (whitebox has its own, default 0)."""
     return self.whitebox_shift_weight if self.method == "whitebox" else self.shift_weight
+
+  @property
+  def epoch_value_weight(self) -> float:
+    """The weight of L_v in an epoch with this gradient method (bbti: 1, the reference)."""
+    return self.whitebox_value_weight if self.method == "whitebox" else 1.0
 
   @classmethod
   def from_config(cls, cfg: Any = None, **overrides) -> "InversionSettings":
@@ -284,7 +300,8 @@ class LossParts(NamedTuple):
   anchor_entropy: jax.Array
 
 
-def image_loss(images01: jax.Array, sets: TargetSets) -> tuple[jax.Array, LossParts]:
+def image_loss(images01: jax.Array, sets: TargetSets, value_weight: float = 1.0,
+               sim_scale: float = 1.0) -> tuple[jax.Array, LossParts]:
   """L_x0 = w_s L_s + w_e L_e + L_v for fixed sets; differentiable in the images (B,H,W,C) in [0,1].
 
   * L_s: T non-empty: sum_{r in R} (1 - cos(v_anchor, v_r)); T empty: sum over non-excluded pairs (1 - cos).
@@ -293,6 +310,8 @@ def image_loss(images01: jax.Array, sets: TargetSets) -> tuple[jax.Array, LossPa
     anchor's entropy < 0.8, else [min_T H - 0.1, max_T H + 0.1], w_e = 10 (band ends stay differentiable, as
     in the code).
   * L_v: sum over R and pixels of relu(I - 0.95) + relu(0.05 - I).
+  `value_weight` / `sim_scale` multiply the L_v / w_s L_s terms of the total (1, 1 = the reference); the parts
+  are reported unweighted.
   """
   b = images01.shape[0]
   v = images01.reshape(b, -1)
@@ -317,13 +336,14 @@ def image_loss(images01: jax.Array, sets: TargetSets) -> tuple[jax.Array, LossPa
   l_e = jnp.sum(rf * (jax.nn.relu(h - hi) + jax.nn.relu(lo - h)))
 
   l_v = jnp.sum(rf[:, None] * (jax.nn.relu(v - 0.95) + jax.nn.relu(0.05 - v)))
-  total = w_s * l_s + w_e * l_e + l_v
+  total = sim_scale * w_s * l_s + w_e * l_e + value_weight * l_v
   return total, LossParts(total, l_s, w_s, l_e, w_e, l_v, h_anchor)
 
 
-def blackbox_pattern_grad(images01: jax.Array, sets: TargetSets, grad_scale: float) -> tuple[jax.Array, LossParts]:
+def blackbox_pattern_grad(images01: jax.Array, sets: TargetSets, grad_scale: float,
+                          value_weight: float = 1.0) -> tuple[jax.Array, LossParts]:
   """BBTI gradient transport: G = s * (-2) * mean_b dL/dI_b, shape (H,W,C) (dL/dp without L_g)."""
-  grads, parts = jax.grad(image_loss, has_aux=True)(images01, sets)
+  grads, parts = jax.grad(image_loss, has_aux=True)(images01, sets, value_weight)
   return grad_scale * (-2.0) * jnp.mean(grads, axis=0), parts
 
 
@@ -441,7 +461,8 @@ def _pattern_grad(eps_fn, schedule: Schedule, scfg: samplers.SamplerConfig, s: I
                         unroll=s.whitebox_unroll, remat=s.whitebox_remat)
     images_ = samplers.to_images01(x0_)
     sets_ = sets_of(images_)
-    loss, parts_ = image_loss(images_, sets_)
+    loss, parts_ = image_loss(images_, sets_, s.epoch_value_weight,
+                               s.whitebox_sim_scale if s.method == 'whitebox' else 1.0)
     return loss, (parts_, sets_, images_)
 
   g_img, (parts, sets, images) = jax.grad(full_loss, has_aux=True)(p)
