@@ -172,11 +172,6 @@ class InversionSettings:
     """The weight of L_shift in an epoch with this gradient method (whitebox has its own, default 0)."""
     return self.whitebox_shift_weight if self.method == "whitebox" else self.shift_weight
 
-  @property
-  def epoch_value_weight(self) -> float:
-    """The weight of L_v in an epoch with this gradient method (bbti: 1, the reference)."""
-    return self.whitebox_value_weight if self.method == "whitebox" else 1.0
-
   @classmethod
   def from_config(cls, cfg: Any = None, **overrides) -> "InversionSettings":
     """From a ConfigDict/dict: the `inversion` section itself, a full config (its `.inversion` is used), or a
@@ -340,10 +335,9 @@ def image_loss(images01: jax.Array, sets: TargetSets, value_weight: float = 1.0,
   return total, LossParts(total, l_s, w_s, l_e, w_e, l_v, h_anchor)
 
 
-def blackbox_pattern_grad(images01: jax.Array, sets: TargetSets, grad_scale: float,
-                          value_weight: float = 1.0) -> tuple[jax.Array, LossParts]:
+def blackbox_pattern_grad(images01: jax.Array, sets: TargetSets, grad_scale: float) -> tuple[jax.Array, LossParts]:
   """BBTI gradient transport: G = s * (-2) * mean_b dL/dI_b, shape (H,W,C) (dL/dp without L_g)."""
-  grads, parts = jax.grad(image_loss, has_aux=True)(images01, sets, value_weight)
+  grads, parts = jax.grad(image_loss, has_aux=True)(images01, sets)
   return grad_scale * (-2.0) * jnp.mean(grads, axis=0), parts
 
 
@@ -461,8 +455,7 @@ def _pattern_grad(eps_fn, schedule: Schedule, scfg: samplers.SamplerConfig, s: I
                         unroll=s.whitebox_unroll, remat=s.whitebox_remat)
     images_ = samplers.to_images01(x0_)
     sets_ = sets_of(images_)
-    loss, parts_ = image_loss(images_, sets_, s.epoch_value_weight,
-                               s.whitebox_sim_scale if s.method == 'whitebox' else 1.0)
+    loss, parts_ = image_loss(images_, sets_, s.whitebox_value_weight, s.whitebox_sim_scale)
     return loss, (parts_, sets_, images_)
 
   g_img, (parts, sets, images) = jax.grad(full_loss, has_aux=True)(p)
