@@ -507,6 +507,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
       own = det_cfg[det_name]
     else:  # MSCR detectors: the inversion, and the sub-sections of the trigger re-estimates (trigger_from)
       own = dict(inversion_fields(det_name), **{k: det_cfg.get(k) for k in ("shift_trigger", "target_trigger")})
+      if isinstance(own.get("target_trigger"), dict) and own["target_trigger"].get("refine_compare") == "pattern":
+        own["target_trigger"] = {k: v for k, v in own["target_trigger"].items() if k != "refine_compare"}  # session 21
     return _settings_digest(dict(seed=config.seed, detection=common, own=own, eval=eval_key))
   fingerprint = _settings_digest(dict(seed=config.seed, inversion=inversion_fields("bbti")))  # true-trigger MSCR
   rows: list[dict[str, Any]] = []

@@ -376,6 +376,18 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   zoo.evaluate(str(z), ["bbti"], retrig, asr_samples=0, load_fn=lambda p: p, mscr_fn=False,
                detector_fns=dict(bbti=lambda m, c, k: calls.append(m) or low(m, c, k)))
   assert len(calls) == 12
+  # target_trigger.refine_compare (session 21) is out of the key at its old behaviour 'pattern', in it otherwise
+  before = get_config()
+  del before.detection.target_trigger["refine_compare"]
+  assert zoo.evaluate(str(z), ["bbti"], before, asr_samples=0, cached_only=True, detector_fns=dict(bbti=None),
+                      load_fn=None, mscr_fn=False)["summary"]["bbti"]["n"] == 0   # retrig's cache is the newest
+  zoo.evaluate(str(z), ["bbti"], before, asr_samples=0, load_fn=lambda p: p, mscr_fn=False, detector_fns=dict(bbti=low))
+  assert zoo.evaluate(str(z), ["bbti"], get_config(), asr_samples=0, cached_only=True, detector_fns=dict(bbti=None),
+                      load_fn=None, mscr_fn=False)["summary"]["bbti"]["n"] == 12
+  same = get_config()
+  same.detection.target_trigger.refine_compare = "same_batch"
+  assert zoo.evaluate(str(z), ["bbti"], same, asr_samples=0, cached_only=True, detector_fns=dict(bbti=None),
+                      load_fn=None, mscr_fn=False)["summary"]["bbti"]["n"] == 0
 
 
 def test_zoo_cleanse_logic_with_mocked_cleanse(tmp_path):

@@ -164,6 +164,41 @@ def test_target_refinement_keeps_a_larger_collapse_only(monkeypatch, refined_clu
   assert info["rounds"][1]["accepted"] is accepted
 
 
+@pytest.mark.parametrize("compare, accepted", [("pattern", False), ("same_batch", True)])
+def test_target_refinement_same_batch_compares_the_pattern_on_the_refine_batch(monkeypatch, compare, accepted):
+  """The pattern collapsed 12 of its own 16 noises (0.75) but only 20 of the 64 refine noises; the first trigger
+  collapses 39 of those 64 (0.61). 'pattern' compares 0.61 with 0.75 and keeps the first estimate; 'same_batch' runs
+  the pattern on the refine batch too, compares 0.61 with 0.31 and keeps the round."""
+  from diffcleanse_jax.defense import inversion
+
+  rng = np.random.default_rng(1)
+  coarse, sharp = rng.uniform(0.2, 0.8, (S, S, 1)), rng.uniform(0.2, 0.8, (S, S, 1))
+  pattern = np.zeros((S, S, 1), np.float32)
+  calls = []
+
+  def fake_mscr(model, trigger, cfg, key, method="bbti", batch_size=None):
+    calls.append(batch_size)
+    if batch_size is None:
+      return dict(images01=_batch(rng, 16, 12, coarse))
+    if np.array_equal(trigger, pattern):                     # the pattern on the refine batch
+      return dict(images01=_batch(rng, batch_size, 20, coarse))
+    return dict(images01=_batch(rng, batch_size, 39, sharp))
+
+  def fake_invert(model, y_hat, cfg, key):
+    return np.full((S, S, 1), float(np.mean(y_hat)) + 0.5, np.float32), dict(final_loss=0.0)
+
+  monkeypatch.setattr(inversion, "trigger_mscr", fake_mscr)
+  monkeypatch.setattr(ti, "invert_toward_target", fake_invert)
+  _, y_hat, info = det.target_trigger(toy_model(3.0), pattern, TOY_CFG["inversion"],
+                                      dict(refine_rounds=1, refine_compare=compare), jax.random.key(0))
+  assert calls == ([None, 64, 64] if compare == "same_batch" else [None, 64])
+  np.testing.assert_allclose(y_hat, (sharp if accepted else coarse) * 2 - 1, atol=1e-6)
+  assert info["rounds"][1]["accepted"] is accepted and info["cluster_size"] == (39 if accepted else 12)
+  assert info["rounds"][0].get("refine_batch_cluster_size") == (20 if compare == "same_batch" else None)
+  with pytest.raises(ti.TargetInversionError, match="refine_compare"):
+    ti.settings(dict(refine_compare="fresh"))
+
+
 def test_detect_mode_writes_the_target_estimate(monkeypatch, tmp_path):
   from configs.tiny_test import get_config
   from diffcleanse_jax.defense import workflow as wf

@@ -190,7 +190,8 @@ def target_trigger(model, pattern: np.ndarray, inversion_cfg: Any, cfg: Mapping[
   is run once more on the inversion's fixed noise batch and chain (same `key`, so the same samples as its best
   epoch); the largest collapsed cluster gives y_hat; then `invert_toward_target`. Then `refine_rounds` times: the
   new trigger is run on `refine_batch_size` fixed noises through the same chain; if a larger share of them
-  collapses than of the previous batch, y_hat becomes that cluster's mean and the trigger is inverted again,
+  collapses than of the previous batch (refine_compare 'pattern'; with 'same_batch' round 1 compares with the
+  MSCR pattern run on the same refine batch), y_hat becomes that cluster's mean and the trigger is inverted again,
   otherwise (or when nothing collapses) the refinement stops and keeps what it had. Returns (trigger, y_hat in
   [-1,1], details: the last inversion's details, cluster_size, rounds). Raises target_inversion.NoCollapseError
   when the pattern collapses nothing."""
@@ -205,20 +206,34 @@ def target_trigger(model, pattern: np.ndarray, inversion_cfg: Any, cfg: Mapping[
   trigger, details = ti.invert_toward_target(model, y_hat, s, jax.random.fold_in(key, 0x7A6))
   rounds = [dict(source="mscr pattern", batch_size=int(members.size), cluster_size=int(members.sum()),
                  final_loss=details["final_loss"])]
-  for i in range(int(s["refine_rounds"])):
-    batch = int(s["refine_batch_size"])
-    images = trigger_mscr(model, trigger, inversion_cfg, key, method=method, batch_size=batch)["images01"]
+  batch = int(s["refine_batch_size"])
+
+  def cluster_on_refine_batch(g):  # (y, members) of g's collapse on the fixed refine batch; None if none
+    images = trigger_mscr(model, g, inversion_cfg, key, method=method, batch_size=batch)["images01"]
     try:
-      y_new, m_new = ti.collapse_target(images, *thresholds)
+      return ti.collapse_target(images, *thresholds)
     except ti.NoCollapseError:
+      return None
+
+  prev_share = float(members.mean())
+  if int(s["refine_rounds"]) > 0 and s["refine_compare"] == "same_batch":
+    got = cluster_on_refine_batch(pattern)
+    n = 0 if got is None else int(got[1].sum())
+    rounds[0].update(refine_batch_cluster_size=n)
+    prev_share = n / batch
+  for i in range(int(s["refine_rounds"])):
+    got = cluster_on_refine_batch(trigger)
+    if got is None:
       rounds.append(dict(source=f"round {i + 1} trigger", batch_size=batch, cluster_size=0, accepted=False))
       break
-    accepted = bool(m_new.mean() > members.mean())
+    y_new, m_new = got
+    accepted = bool(m_new.mean() > prev_share)
     rounds.append(dict(source=f"round {i + 1} trigger", batch_size=batch, cluster_size=int(m_new.sum()),
                        accepted=accepted))
     if not accepted:
       break
     y_hat, members = y_new, m_new
+    prev_share = float(m_new.mean())
     trigger, details = ti.invert_toward_target(model, y_hat, s, jax.random.fold_in(key, 0x7A6 + i + 1))
     rounds[-1]["final_loss"] = details["final_loss"]
   details.update(cluster_size=int(members.sum()), rounds=rounds)

@@ -32,7 +32,12 @@ pattern may collapse only 2 of the 16 fixed noises, so y_hat is the mean of 2 sa
 3.7e-3 to the true shoe; its trigger reached DDPM-1000 ASR 0.55-0.72). The trigger inverted towards it collapses far
 more of a fresh fixed batch (56 of 64 under the same DDPM-50 chain), and that cluster's mean is a much better
 target (MSE 1.3e-4). One more inversion towards it raised the ASR to 0.95 (the true shoe as target: 0.97). A round is kept only when its cluster is
-a larger share of its batch than the previous one (docs/RESULTS.md "Session 14").
+a larger share of its batch than the previous one (docs/RESULTS.md "Session 14"). For round 1 the previous share is,
+by default, the MSCR pattern's share of the inversion's own batch, which the optimisation picked because it
+collapsed there, so it is biased upwards: zoo user-cat-p0.05's pattern collapsed 12 of 16, its first trigger 39 of
+64 fresh noises, the round was dropped, and the reported trigger's DDPM-1000 ASR was 0.30. `refine_compare =
+'same_batch'` runs the pattern on the same fresh batch as well and compares the two there (docs/RESULTS.md
+"Session 21").
 """
 from __future__ import annotations
 
@@ -56,7 +61,11 @@ DEFAULTS: dict[str, Any] = dict(
     cosine_decay=False,  # Adam lr decays to 0 along a cosine over num_iters
     refine_rounds=1,    # detection.target_trigger: re-estimate y_hat from the inverted trigger's own collapse
     refine_batch_size=64,  # fixed noises of each refinement pass (the inversion's chain)
+    refine_compare="pattern",  # round 1 is kept if its share beats: 'pattern' the MSCR pattern's share of its own
+                               # (optimised) batch (session 14); 'same_batch' the pattern's share of the same fresh
+                               # refine batch (one more sampling pass; later rounds compare on that batch anyway)
 )
+REFINE_COMPARE = ("pattern", "same_batch")
 
 
 class TargetInversionError(ValueError):
@@ -79,6 +88,9 @@ def settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
   if int(d["refine_rounds"]) < 0 or int(d["refine_batch_size"]) < 2:
     raise TargetInversionError(f"detection.target_trigger: refine_rounds={d['refine_rounds']} must be >= 0 and "
                                f"refine_batch_size={d['refine_batch_size']} >= 2")
+  if d["refine_compare"] not in REFINE_COMPARE:
+    raise TargetInversionError(f"detection.target_trigger: refine_compare={d['refine_compare']!r}; expected one of "
+                               f"{', '.join(REFINE_COMPARE)}")
   return d
 
 
