@@ -500,6 +500,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
     for k in ("whitebox_value_weight", "whitebox_sim_scale"):  # likewise while 1 (added in session 20)
       if d.get(k) == 1.0:
         d.pop(k)
+    d.pop("whitebox_restarts", None)  # session 21; its effect is the resolved `restarts` above
     return {k: v for k, v in d.items() if method == "whitebox" or not k.startswith("whitebox_")}
 
   def digest(det_name):

@@ -56,7 +56,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # released code's constant -2 gradient (§4.2). whitebox_unroll/remat: python-unrolled, checkpointed sampler;
   # whitebox_num_steps > 0: the white-box chain length (its compile time and memory grow with the chain);
   # whitebox_backprop_steps K > 0: exact gradient through K steps of the chain only (whitebox_window 'first':
-  # from x_T, 'last': to x_0), identity through the rest (0 = all steps).
+  # from x_T, 'last': to x_0), identity through the rest (0 = all steps). whitebox_restarts > 0: the white-box
+  # inversion's restarts (0 = restarts).
   # stop_mscr: a restart stops once |T|/B >= it (1.0 = the code); refine_epochs / refine_learning_rate: fresh-noise
   # refinement of the best pattern after the loop (defense/inversion.py; 0 = off); refine_num_steps / refine_method:
   # its own chain (0 = num_steps) and gradient ("" = method); shift_weight > 0 adds Elijah's distribution-shift
@@ -69,7 +70,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
       whitebox_remat=True, whitebox_num_steps=0, whitebox_backprop_steps=0, whitebox_window="first", log_every=10,
       stop_mscr=1.0, refine_epochs=0, refine_learning_rate=0.0, refine_num_steps=0, refine_method="",
       shift_weight=0.0, whitebox_shift_weight=0.0, whitebox_value_weight=1.0, whitebox_sim_scale=1.0,
-      shift_lambda=0.5))
+      whitebox_restarts=0, shift_lambda=0.5))
   # detection (defense/detection.py, defense/workflow.py): method bbti | whitebox | elijah | terd; backdoored iff
   # score > threshold (MSCR > 0.5 for bbti/whitebox); num_images: size of the preview grids of --mode=detect.
   # elijah / terd: the baselines' own settings (their modules' DEFAULTS). trigger_from (bbti / whitebox only):

@@ -348,6 +348,12 @@ def test_zoo_evaluate_logic_with_mocked_detectors(tmp_path):
   windowed.inversion.whitebox_backprop_steps = 2
   assert zoo.evaluate(str(z), ["whitebox"], windowed, asr_samples=0, cached_only=True, detector_fns=dict(
       whitebox=None), load_fn=None, mscr_fn=False)["summary"]["whitebox"]["n"] == 0
+  # whitebox_restarts is keyed by the white-box restarts it resolves to: = restarts hits the cache, more misses it
+  for extra, n in ((0, 12), (1, 0)):
+    wr = get_config()
+    wr.inversion.whitebox_restarts = wr.inversion.restarts + extra
+    assert zoo.evaluate(str(z), ["whitebox"], wr, asr_samples=0, cached_only=True, detector_fns=dict(
+        whitebox=None), load_fn=None, mscr_fn=False)["summary"]["whitebox"]["n"] == n
   # other detection settings: the cache is stale and the detector runs again
   other = get_config()
   other.inversion.max_epochs = 3

@@ -445,6 +445,11 @@ def test_settings_from_full_or_flat_config():
   wb = inv.InversionSettings.from_config(dict(num_steps=100, whitebox_num_steps=20), method="whitebox")
   bb = inv.InversionSettings.from_config(dict(num_steps=100, whitebox_num_steps=20), method="bbti")
   assert (wb.num_steps, bb.num_steps) == (20, 100)  # white-box has its own chain length when set
+  r = dict(restarts=3, whitebox_restarts=6)
+  assert [inv.InversionSettings.from_config(r, method=m).restarts for m in ("whitebox", "bbti")] == [6, 3]
+  assert inv.InversionSettings.from_config(dict(restarts=3), method="whitebox").restarts == 3  # 0 = restarts
+  with pytest.raises(inv.InversionError, match="whitebox_restarts"):
+    inv.InversionSettings.from_config(dict(whitebox_restarts=-1))
   s2 = inv.InversionSettings.from_config(dict(max_epochs="5", grad_scale=10, threshold=0.3), method="whitebox")
   assert s2.max_epochs == 5 and s2.grad_scale == 10.0 and s2.method == "whitebox"
   with pytest.raises(inv.InversionError):

@@ -134,6 +134,7 @@ class InversionSettings:
   whitebox_shift_weight: float = 0.0  # the shift weight of whitebox epochs (shift_weight is bbti's; module doc)
   whitebox_value_weight: float = 1.0  # w_v of whitebox epochs' L_v (bbti: 1, the reference; module doc)
   whitebox_sim_scale: float = 1.0   # whitebox epochs' L_s term is scaled by this (bbti: 1, the reference)
+  whitebox_restarts: int = 0        # whitebox: R of the white-box inversion (0 = `restarts`); from_config applies it
   shift_lambda: float = 0.5         # lambda of L_shift (rho_T ~= 0.5, ALGORITHMS §2.1)
 
   def validate(self) -> "InversionSettings":
@@ -156,6 +157,8 @@ class InversionSettings:
     for name in ("whitebox_value_weight", "whitebox_sim_scale"):
       if getattr(self, name) < 0:
         raise InversionError(f"inversion.{name}={getattr(self, name)} must be >= 0")
+    if self.whitebox_restarts < 0:
+      raise InversionError(f"inversion.whitebox_restarts={self.whitebox_restarts} must be >= 0 (0 = restarts)")
     if self.whitebox_window not in WINDOWS:
       raise InversionError(f"inversion.whitebox_window={self.whitebox_window!r}; expected one of "
                            f"{', '.join(WINDOWS)}")
@@ -196,6 +199,8 @@ class InversionSettings:
     s = cls(**kw)
     if s.method == "whitebox" and s.whitebox_num_steps > 0:
       s = dataclasses.replace(s, num_steps=s.whitebox_num_steps)
+    if s.method == "whitebox" and s.whitebox_restarts > 0:
+      s = dataclasses.replace(s, restarts=s.whitebox_restarts)
     return s.validate()
 
   def sampler_config(self, scheduler_config: Mapping[str, Any] | None) -> samplers.SamplerConfig:
