@@ -36,6 +36,12 @@ BadDiffusion BOX_14 -> HAT model whose backdoor fires with DDPM-1000 but gives b
   / 34 s, lax.scan + checkpoint 115 s / 102 s; the 10-step window 71 s / 13 s (docs/RESULTS.md, "Session 16").
   The window keeps the clean base at 0, flags the demo, and flags the rebuilt smbox-corner-p0.05 (MSCR 2/16 at
   3 epochs) that exact DDPM-20 missed; its reported trigger there has ASR 0. The whole zoo was not re-run with it.
+  White-box runs 6 restarts (inversion.whitebox_restarts; BBTI keeps 3). With 3 it missed stop14-corner-p0.1 and
+  user-shoe-p0.2 (zoo accuracy 0.833, session 21). With 6, a new restart collapses 2 of 16 outputs on each:
+  restart 4 at epoch 16 (stop14-corner), restart 3 at epochs 8, 11 and 17 (user-shoe). The 4 clean models stay at
+  0 over all 6 x 25 epochs.
+  Restart r is seeded with fold_in(key, r), so restarts 0-2 are those of the 3-restart runs. The cost doubles:
+  713-816 s on a clean model on one shared core, against 290-418 s (docs/RESULTS.md, "Session 21").
 * Elijah's detection sampler: DDPM-100 instead of DDIM-50, for the same reason (see get_config).
 * threshold tau = 1/16 (flagged iff at least one pair of the 16 outputs collapses, cos > 0.999, at some epoch)
   instead of the paper's 0.5, calibrated on clean models as `detection.calibrate_threshold(clean, margin=1/B,
@@ -92,6 +98,7 @@ def get_config():
   c.inversion.whitebox_num_steps = 0
   c.inversion.whitebox_backprop_steps = 10
   c.inversion.whitebox_window = "first"
+  c.inversion.whitebox_restarts = 6  # 3 white-box restarts missed 2 of 8 zoo backdoors (module docstring)
   # Elijah's detection samples 16 images from noise + its inverted trigger: with its default DDIM-50 (an ODE
   # sampler) a BadDiffusion (SDE) backdoor does not fire (zoo box14-hat-p0.1, ASR 1.0 under DDPM-1000: uniformity
   # 0.28, missed), so these models are checked with an ancestral DDPM-100 chain.

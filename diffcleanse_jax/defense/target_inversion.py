@@ -34,10 +34,10 @@ more of a fresh fixed batch (56 of 64 under the same DDPM-50 chain), and that cl
 target (MSE 1.3e-4). One more inversion towards it raised the ASR to 0.95 (the true shoe as target: 0.97). A round is kept only when its cluster is
 a larger share of its batch than the previous one (docs/RESULTS.md "Session 14"). For round 1 the previous share is,
 by default, the MSCR pattern's share of the inversion's own batch, which the optimisation picked because it
-collapsed there, so it is biased upwards: zoo user-cat-p0.05's pattern collapsed 12 of 16, its first trigger 39 of
-64 fresh noises, the round was dropped, and the reported trigger's DDPM-1000 ASR was 0.30. `refine_compare =
-'same_batch'` runs the pattern on the same fresh batch as well and compares the two there (docs/RESULTS.md
-"Session 21").
+collapsed there, so it may be biased upwards. `refine_compare = 'same_batch'` runs the pattern on the same fresh
+batch as well and compares the two there. On zoo user-cat-p0.05 (pattern 12 of 16, first trigger 39 of 64, round
+dropped, reported trigger's DDPM-1000 ASR 0.30) it decides the same way: the pattern collapses 48 of the 64 fresh
+noises itself, so the inverted trigger is the weaker of the two there (docs/RESULTS.md "Session 21").
 """
 from __future__ import annotations
 
