@@ -399,7 +399,29 @@ def true_target(model_dir: str) -> np.ndarray | None:
   return np.load(path) if os.path.isfile(path) else None
 
 
-_LATER_EVAL_FIELDS = ("fd_method", "fd_num_steps")
+# Settings fields added after zoo caches were first written, left out of a cache digest while they are "off" (the
+# behaviour from before they existed), so the older caches keep their key. Per config section: field -> predicate
+# on the section's resolved dict, true when the field is to be left out.
+_KEY_OMIT: dict[str, dict[str, Callable[[dict], bool]]] = {
+    "eval": {  # session 15; the ASR evaluation samples no clean images anyway
+        "fd_method": lambda d: not d.get("fd_method"),
+        "fd_num_steps": lambda d: not d.get("fd_num_steps"),
+    },
+    "inversion": {
+        "whitebox_backprop_steps": lambda d: not d.get("whitebox_backprop_steps"),  # without effect while 0
+        "whitebox_window": lambda d: not d.get("whitebox_backprop_steps"),
+        "whitebox_value_weight": lambda d: d.get("whitebox_value_weight") == 1.0,  # session 20, without effect at 1
+        "whitebox_sim_scale": lambda d: d.get("whitebox_sim_scale") == 1.0,
+        "whitebox_restarts": lambda d: True,  # session 21; its effect is the resolved `restarts`
+    },
+    "target_trigger": {"refine_compare": lambda d: d.get("refine_compare") == "pattern"},  # session 21
+}
+
+
+def _key_view(section: str, d: dict) -> dict:
+  """`d` (a resolved settings section) without the fields `_KEY_OMIT[section]` leaves out of cache digests."""
+  omit = _KEY_OMIT[section]
+  return {k: v for k, v in d.items() if not (k in omit and omit[k](d))}
 
 
 def _settings_digest(d) -> str:
@@ -478,9 +500,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
   eval_cfg = config.eval.to_dict() if hasattr(config.eval, "to_dict") else dict(config.eval)
   eval_cfg.update(num_samples=int(asr_samples), batch_size=min(int(eval_cfg.get("batch_size", 64)), int(asr_samples)),
                   clean=False)
-  # eval fields added after a cache was written are left out of its digest while at their "off" value, so the
-  # cache stays valid (eval.fd_method/fd_num_steps, session 15; the ASR evaluation samples no clean images anyway)
-  eval_key = {k: v for k, v in eval_cfg.items() if not (k in _LATER_EVAL_FIELDS and not v)}
+  eval_key = _key_view("eval", eval_cfg)
   key = jax.random.key(int(config.seed))
   # Cached results are reused only if made with the same settings: a digest of what each detector reads
   # (BBTI/white-box: config.inversion and detection.shift_trigger/target_trigger; Elijah/TERD: their detection
@@ -494,13 +514,7 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
 
   def inversion_fields(method):  # the resolved settings, without the other method's knobs
     method = method if method == "whitebox" else "bbti"
-    d = dataclasses.asdict(InversionSettings.from_config(config.inversion, method=method))
-    if not d["whitebox_backprop_steps"]:  # added later; without effect (and out of older digests) while 0
-      d = {k: v for k, v in d.items() if k not in ("whitebox_backprop_steps", "whitebox_window")}
-    for k in ("whitebox_value_weight", "whitebox_sim_scale"):  # likewise while 1 (added in session 20)
-      if d.get(k) == 1.0:
-        d.pop(k)
-    d.pop("whitebox_restarts", None)  # session 21; its effect is the resolved `restarts` above
+    d = _key_view("inversion", dataclasses.asdict(InversionSettings.from_config(config.inversion, method=method)))
     return {k: v for k, v in d.items() if method == "whitebox" or not k.startswith("whitebox_")}
 
   def digest(det_name):
@@ -508,8 +522,8 @@ def evaluate(zoo_dir: str, detectors: Sequence[str], config, out: str | None = N
       own = det_cfg[det_name]
     else:  # MSCR detectors: the inversion, and the sub-sections of the trigger re-estimates (trigger_from)
       own = dict(inversion_fields(det_name), **{k: det_cfg.get(k) for k in ("shift_trigger", "target_trigger")})
-      if isinstance(own.get("target_trigger"), dict) and own["target_trigger"].get("refine_compare") == "pattern":
-        own["target_trigger"] = {k: v for k, v in own["target_trigger"].items() if k != "refine_compare"}  # session 21
+      if isinstance(own.get("target_trigger"), dict):
+        own["target_trigger"] = _key_view("target_trigger", own["target_trigger"])
     return _settings_digest(dict(seed=config.seed, detection=common, own=own, eval=eval_key))
   fingerprint = _settings_digest(dict(seed=config.seed, inversion=inversion_fields("bbti")))  # true-trigger MSCR
   rows: list[dict[str, Any]] = []

@@ -531,3 +531,18 @@ def test_fd_spread_slices_are_disjoint_and_changes_are_paired():
     fs.subset_fds(x, 64)
   with pytest.raises(ValueError, match="at least 2"):
     fs.subset_fds(x, 1)
+
+
+def test_zoo_cache_key_leaves_out_later_fields_only_while_off():
+  # one table (_KEY_OMIT) says which later-added fields stay out of a cache digest, and while at which value
+  zoo = _zoo()
+  inv = dict(restarts=6, whitebox_backprop_steps=0, whitebox_window=4, whitebox_value_weight=1.0,
+             whitebox_sim_scale=1.0, whitebox_restarts=6, lr=0.1)
+  assert zoo._key_view("inversion", inv) == dict(restarts=6, lr=0.1)
+  on = dict(inv, whitebox_backprop_steps=2, whitebox_value_weight=0.5)
+  assert zoo._key_view("inversion", on) == dict(restarts=6, whitebox_backprop_steps=2, whitebox_window=4,
+                                                whitebox_value_weight=0.5, lr=0.1)
+  assert zoo._key_view("eval", dict(fd_method=None, fd_num_steps=0, num_samples=4)) == dict(num_samples=4)
+  assert zoo._key_view("eval", dict(fd_method="ddim", fd_num_steps=50)) == dict(fd_method="ddim", fd_num_steps=50)
+  assert zoo._key_view("target_trigger", dict(refine_compare="pattern", num_iters=3)) == dict(num_iters=3)
+  assert "refine_compare" in zoo._key_view("target_trigger", dict(refine_compare="same_batch"))
