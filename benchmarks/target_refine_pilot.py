@@ -3,7 +3,7 @@
   python benchmarks/target_refine_pilot.py runs/zoo/models/box14-shoe-p0.05 [ASR_SAMPLES=64]
 
 For one zoo model (a workdir with model/ and target.npy): BBTI detection with configs/fmnist_detect.py, then the
-DDPM-1000 ASR of the reported trigger, of triggers inverted towards the collapse of that trigger on 16 and 64 fixed
+DDPM-1000 ASR of the reported trigger, of the MSCR pattern itself, of triggers inverted towards the collapse of that trigger on 16 and 64 fixed
 noises, and of the trigger inverted towards the true target (oracle). Prints cluster sizes, MSE of each target
 estimate to the true target, final target losses and ASRs (docs/RESULTS.md, "Session 14").
 """
@@ -28,6 +28,9 @@ t0 = time.time(); res = detect_bbti(model, cfg); print('score', res.score, 'det 
 r1 = res.trigger; y0 = res.arrays['target_estimate']
 print('cluster0', res.details['target_trigger']['cluster_size'], 'mse y0', mse(y0), 'loss1', res.details['target_trigger']['final_loss'], flush=True)
 print('asr r1', asr(r1), flush=True)
+pat = res.arrays['mscr_trigger']  # the MSCR pattern itself (what 'same_batch' compares with)
+print('asr pattern', asr(pat), 'pattern mscr on 64 fresh', trigger_mscr(model, pat, cfg.inversion, jax.random.key(123),
+      batch_size=64, num_steps=50)['mscr'], flush=True)
 for bs, nsteps in ((16, 50), (64, 50)):
   out = trigger_mscr(model, r1, cfg.inversion, jax.random.key(123), batch_size=bs, num_steps=nsteps)
   try:
