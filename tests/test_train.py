@@ -1,5 +1,6 @@
 """Training loop: resumption is exact, 8 sharded devices == 1 device, EMA, end-to-end train mode."""
 import json
+import logging
 import os
 import shutil
 
@@ -14,7 +15,7 @@ from diffcleanse_jax.diffusion.objectives import make_ddpm_loss
 from diffcleanse_jax.io.native import load_pretrained
 from diffcleanse_jax.model import DiffusionModel
 from diffcleanse_jax.models.presets import preset
-from diffcleanse_jax.train import TrainSettings, run_training
+from diffcleanse_jax.train import TrainSettings, learning_rate_schedule, run_training
 
 
 def _setup(num_steps, **kw):
@@ -65,6 +66,20 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
 def test_train_settings_reject_typos():
   with pytest.raises(ValueError, match="unknown field 'learning_rte'"):
     TrainSettings.from_config({"learning_rte": 1e-3})
+
+
+def test_learning_rate_schedule_warmup_then_cosine_and_no_warmup_without_a_log_line(caplog):
+  caplog.set_level(logging.DEBUG)
+  lr, n = 1e-3, 600
+  cosine = lambda i, w: lr * 0.5 * (1 + np.cos(np.pi * (i - w) / (n - w)))
+  no_warm = learning_rate_schedule(TrainSettings(learning_rate=lr, num_steps=n, warmup_steps=0))
+  for i in (0, 1, 150, 300, 599, 600):
+    np.testing.assert_allclose(float(no_warm(i)), cosine(i, 0), rtol=1e-5, atol=1e-12)
+  assert not [r for r in caplog.records if "schedule" in r.getMessage()], caplog.text
+  warm = learning_rate_schedule(TrainSettings(learning_rate=lr, num_steps=n, warmup_steps=100))
+  np.testing.assert_allclose([float(warm(i)) for i in (0, 50, 100, 350)], [0.0, lr / 2, lr, cosine(350, 100)], rtol=1e-5)
+  const = learning_rate_schedule(TrainSettings(learning_rate=lr, num_steps=n, warmup_steps=0, lr_schedule="constant"))
+  assert const == lr
 
 
 def test_checkpoint_loads_as_a_model_with_ema_weights(tmp_path):
