@@ -76,12 +76,12 @@ class TrainSettings:
 def learning_rate_schedule(s: TrainSettings) -> optax.Schedule | float:
   """Linear warm-up from 0 over warmup_steps, then cosine to 0 at num_steps (diffusers
   get_cosine_schedule_with_warmup), or constant after the warm-up. Without warm-up the cosine starts at step 0
-  (optax's warm-up variant would log a warning about a zero-length warm-up on every fine-tune)."""
+  (optax's warm-up variant would log an INFO line about a zero-length warm-up on every fine-tune)."""
   if s.lr_schedule == "cosine":
     warm = max(0, min(s.warmup_steps, s.num_steps - 1))
     if warm == 0:
       return optax.cosine_decay_schedule(s.learning_rate, max(s.num_steps, 1), alpha=0.0)
-    return optax.warmup_cosine_decay_schedule(0.0, s.learning_rate, warm, max(s.num_steps, warm + 1), end_value=0.0)
+    return optax.warmup_cosine_decay_schedule(0.0, s.learning_rate, warm, s.num_steps, end_value=0.0)  # warm < num_steps
   return optax.linear_schedule(0.0, s.learning_rate, s.warmup_steps) if s.warmup_steps > 0 else s.learning_rate
 
 
